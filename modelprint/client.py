@@ -1,0 +1,121 @@
+"""Small HTTP clients for the operator API and the gateway, used by the CLI, the demo and the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class ApiCallError(RuntimeError):
+    """An API answered with an error; the message is the server's own."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(f"HTTP {status_code}: {message}")
+        self.status_code = status_code
+        self.message = message
+
+
+def _checked(response: httpx.Response) -> Any:
+    if response.is_success:
+        return response.json()
+    try:
+        message = response.json().get("error", response.text)
+    except ValueError:
+        message = response.text
+    raise ApiCallError(response.status_code, message)
+
+
+class OperatorClient:
+    """The auditor's operator API (Bearer admin token)."""
+
+    def __init__(self, base_url: str, admin_token: str, timeout: float = 60.0) -> None:
+        self.http = httpx.Client(
+            base_url=base_url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> OperatorClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def create_client(self, name: str) -> dict[str, Any]:
+        return _checked(self.http.post("/v1/clients", json={"name": name}))  # type: ignore[no-any-return]
+
+    def list_clients(self) -> list[dict[str, Any]]:
+        return _checked(self.http.get("/v1/clients"))  # type: ignore[no-any-return]
+
+    def set_client_disabled(self, client_id: int, disabled: bool) -> dict[str, Any]:
+        action = "disable" if disabled else "enable"
+        return _checked(self.http.post(f"/v1/clients/{client_id}/{action}"))  # type: ignore[no-any-return]
+
+    def queries(self, client_id: int, after_id: int = 0, limit: int = 100) -> dict[str, Any]:
+        params = {"after_id": after_id, "limit": limit}
+        return _checked(self.http.get(f"/v1/clients/{client_id}/queries", params=params))  # type: ignore[no-any-return]
+
+    def all_queries(self, client_id: int, page_size: int = 1000) -> list[dict[str, Any]]:
+        """Every stored query record of a client, following the cursor."""
+        records: list[dict[str, Any]] = []
+        after_id = 0
+        while True:
+            page = self.queries(client_id, after_id=after_id, limit=page_size)
+            records.extend(page["queries"])
+            if page["next_after_id"] is None:
+                return records
+            after_id = page["next_after_id"]
+
+    def deploy_model(self, name: str, model_file: Path, reference_data: Path | None = None) -> dict[str, Any]:
+        files: dict[str, tuple[str, bytes, str]] = {
+            "file": (model_file.name, model_file.read_bytes(), "application/octet-stream")
+        }
+        if reference_data is not None:
+            files["reference_data"] = (
+                reference_data.name,
+                reference_data.read_bytes(),
+                "application/octet-stream",
+            )
+        return _checked(self.http.post("/v1/models", data={"name": name}, files=files))  # type: ignore[no-any-return]
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return _checked(self.http.get("/v1/models"))  # type: ignore[no-any-return]
+
+
+class GatewayClient:
+    """The public prediction API (Bearer client API key)."""
+
+    def __init__(self, base_url: str, api_key: str, timeout: float = 30.0) -> None:
+        self.http = httpx.Client(
+            base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> GatewayClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def predict(self, model: str, instances: list[list[float]]) -> dict[str, Any]:
+        return _checked(  # type: ignore[no-any-return]
+            self.http.post(f"/v1/models/{model}/predict", json={"instances": instances})
+        )
+
+    def infer_v2(self, model: str, rows: list[list[float]], datatype: str = "FP64") -> dict[str, Any]:
+        body = {
+            "inputs": [
+                {
+                    "name": "input-0",
+                    "shape": [len(rows), len(rows[0])],
+                    "datatype": datatype,
+                    "data": [value for row in rows for value in row],
+                }
+            ]
+        }
+        return _checked(self.http.post(f"/v2/models/{model}/infer", json=body))  # type: ignore[no-any-return]

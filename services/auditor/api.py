@@ -1,0 +1,240 @@
+"""Operator API (port 8001): clients and keys, models, query histories. Bearer <admin token> on /v1."""
+
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import redis
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from services.auditor import service
+from services.auditor.config import AuditorSettings
+from services.auditor.schemas import (
+    ClientCreate,
+    ClientCreated,
+    ClientOut,
+    ModelOut,
+    ModelVersionOut,
+    QueryPage,
+    QueryRecordOut,
+)
+from shared.config import load_secrets
+from shared.db import Client, Model, ModelVersion, session_factory
+from shared.http import ApiError, install_error_handlers
+from shared.modelfile import ModelFileError
+from shared.security import bearer_token, tokens_match
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+def _client_out(client: Client) -> ClientOut:
+    return ClientOut(
+        id=client.id,
+        name=client.name,
+        api_key_prefix=client.api_key_prefix,
+        created_at=client.created_at,
+        disabled=client.disabled_at is not None,
+        disabled_at=client.disabled_at,
+    )
+
+
+def _version_out(name: str, version: ModelVersion) -> ModelVersionOut:
+    return ModelVersionOut(
+        name=name,
+        version=version.version,
+        sha256=version.sha256,
+        n_features=version.n_features,
+        classes=version.classes,
+        estimator_type=version.estimator_type,
+        reference_rows=version.reference_rows,
+        created_at=version.created_at,
+    )
+
+
+def _model_out(model: Model) -> ModelOut:
+    versions = [_version_out(model.name, version) for version in model.versions]
+    return ModelOut(
+        name=model.name, active_version=versions[-1].version if versions else None, versions=versions
+    )
+
+
+async def _read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, f"{what} is larger than the limit of {limit} bytes (MODELPRINT_MAX_UPLOAD_BYTES)")
+    if not data:
+        raise ApiError(422, f"{what} is empty")
+    return data
+
+
+def create_app(settings: AuditorSettings | None = None) -> FastAPI:
+    """The operator API application."""
+    settings = settings or AuditorSettings()
+    admin_token = load_secrets(settings).admin_token
+    sessions = session_factory(settings.require_database_url())
+    registry = redis.Redis.from_url(settings.require_redis_url())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Repair the gateway's view of keys and models at start (Redis may have been wiped).
+        with sessions.begin() as session:
+            keys, models = service.sync_registry(session, registry)
+        logger.info("registry synced", extra={"api_keys": keys, "models": models})
+        yield
+        registry.close()
+
+    app = FastAPI(
+        title="modelprint operator API",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        token = bearer_token(authorization)
+        if token is None:
+            raise ApiError(
+                401, "missing 'Authorization: Bearer <admin token>' header", {"WWW-Authenticate": "Bearer"}
+            )
+        if not tokens_match(token, admin_token):
+            raise ApiError(401, "invalid admin token", {"WWW-Authenticate": "Bearer"})
+
+    def db_session() -> Iterator[Session]:
+        session = sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    SessionDep = Annotated[Session, Depends(db_session)]
+    admin = [Depends(require_admin)]
+
+    @app.get("/healthz")
+    def healthz(session: SessionDep) -> dict[str, str]:
+        session.execute(text("SELECT 1"))
+        registry.ping()
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/clients", status_code=201, dependencies=admin)
+    def create_client(body: ClientCreate, session: SessionDep) -> ClientCreated:
+        created = service.create_client(session, body.name)
+        session.commit()
+        service.publish_client(registry, created.client)
+        return ClientCreated(**_client_out(created.client).model_dump(), api_key=created.api_key)
+
+    @app.get("/v1/clients", dependencies=admin)
+    def list_clients(session: SessionDep) -> list[ClientOut]:
+        return [_client_out(client) for client in service.list_clients(session)]
+
+    def _client_or_404(session: Session, client_id: int) -> Client:
+        try:
+            return service.get_client(session, client_id)
+        except service.NotFoundError as exc:
+            raise ApiError(404, str(exc)) from exc
+
+    @app.get("/v1/clients/{client_id}", dependencies=admin)
+    def get_client(client_id: int, session: SessionDep) -> ClientOut:
+        return _client_out(_client_or_404(session, client_id))
+
+    @app.post("/v1/clients/{client_id}/disable", dependencies=admin)
+    def disable_client(client_id: int, session: SessionDep) -> ClientOut:
+        _client_or_404(session, client_id)
+        client = service.set_client_disabled(session, registry, client_id, disabled=True)
+        return _client_out(client)
+
+    @app.post("/v1/clients/{client_id}/enable", dependencies=admin)
+    def enable_client(client_id: int, session: SessionDep) -> ClientOut:
+        _client_or_404(session, client_id)
+        client = service.set_client_disabled(session, registry, client_id, disabled=False)
+        session.commit()
+        service.publish_client(registry, client)
+        return _client_out(client)
+
+    @app.get("/v1/clients/{client_id}/queries", dependencies=admin)
+    def list_queries(
+        client_id: int,
+        session: SessionDep,
+        after_id: Annotated[int, Query(ge=0, description="Cursor: the last id of the previous page")] = 0,
+        limit: Annotated[int, Query(ge=1)] = 100,
+    ) -> QueryPage:
+        if limit > settings.audit_page_limit:
+            raise ApiError(422, f"limit must be at most {settings.audit_page_limit}")
+        _client_or_404(session, client_id)
+        records = service.list_queries(session, client_id, after_id, limit)
+        return QueryPage(
+            client_id=client_id,
+            queries=[
+                QueryRecordOut(
+                    id=record.id,
+                    request_id=record.request_id,
+                    row_index=record.row_index,
+                    model=record.model_name,
+                    model_version=record.model_version,
+                    scheme=record.scheme,
+                    key_id=record.key_id,
+                    answered_at=record.answered_at,
+                    input=record.input,
+                    probabilities=record.probabilities,
+                    label=record.label,
+                )
+                for record in records
+            ],
+            next_after_id=records[-1].id if len(records) == limit else None,
+        )
+
+    @app.post("/v1/models", status_code=201, dependencies=admin)
+    async def deploy_model(
+        request: Request,
+        name: Annotated[str, Form(pattern=MODEL_NAME_PATTERN, description="Model name used in URLs")],
+        file: Annotated[UploadFile, File(description="A scikit-learn classifier saved with skops")],
+        reference_data: Annotated[UploadFile | None, File(description=".npz with arrays X and y")] = None,
+    ) -> ModelVersionOut:
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > settings.max_upload_bytes * 2:
+            raise ApiError(413, f"upload is larger than the limit of {settings.max_upload_bytes} bytes")
+        artifact = await _read_upload(file, settings.max_upload_bytes, "the model file")
+        reference = (
+            await _read_upload(reference_data, settings.max_upload_bytes, "the reference data")
+            if reference_data is not None
+            else None
+        )
+        try:
+            return await run_in_threadpool(_deploy, name, artifact, reference)
+        except ModelFileError as exc:
+            raise ApiError(422, str(exc)) from exc
+
+    def _deploy(name: str, artifact: bytes, reference: bytes | None) -> ModelVersionOut:
+        with sessions.begin() as session:
+            version = service.deploy_model(session, name, artifact, reference)
+        service.publish_version(registry, name, version)
+        return _version_out(name, version)
+
+    @app.get("/v1/models", dependencies=admin)
+    def list_models(session: SessionDep) -> list[ModelOut]:
+        return [_model_out(model) for model in service.list_models(session)]
+
+    @app.get("/v1/models/{name}", dependencies=admin)
+    def get_model(name: str, session: SessionDep) -> ModelOut:
+        try:
+            return _model_out(service.get_model(session, name))
+        except service.NotFoundError as exc:
+            raise ApiError(404, str(exc)) from exc
+
+    return app

@@ -1,0 +1,65 @@
+"""Operator API request and response bodies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from shared.schemas import ClassLabel
+
+
+class ClientCreate(BaseModel):
+    name: str = Field(
+        min_length=1, max_length=200, description="A label for the client, e.g. a customer name"
+    )
+
+
+class ClientOut(BaseModel):
+    id: int
+    name: str
+    api_key_prefix: str
+    created_at: datetime
+    disabled: bool
+    disabled_at: datetime | None
+
+
+class ClientCreated(ClientOut):
+    api_key: str = Field(description="Shown only in this response; store it now")
+
+
+class ModelVersionOut(BaseModel):
+    name: str
+    version: int
+    sha256: str
+    n_features: int
+    classes: list[ClassLabel]
+    estimator_type: str
+    reference_rows: int | None
+    created_at: datetime
+
+
+class ModelOut(BaseModel):
+    name: str
+    active_version: int | None
+    versions: list[ModelVersionOut]
+
+
+class QueryRecordOut(BaseModel):
+    id: int
+    request_id: str
+    row_index: int
+    model: str
+    model_version: int
+    scheme: str
+    key_id: str
+    answered_at: datetime
+    input: list[float]
+    probabilities: list[float]
+    label: str
+
+
+class QueryPage(BaseModel):
+    client_id: int
+    queries: list[QueryRecordOut]
+    next_after_id: int | None = Field(description="Pass as after_id to get the next page; null at the end")

@@ -1,0 +1,192 @@
+"""Public prediction API (port 8000): modelprint's /v1 format and the Open Inference Protocol (/v2)."""
+
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Header, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from redis.exceptions import RedisError
+
+from services.gateway import service
+from services.gateway.config import GatewaySettings
+from shared.celery_app import create_celery_app
+from shared.http import ApiError, OrjsonResponse, install_error_handlers
+from shared.schemas import DeployedModel, PredictReply
+
+logger = logging.getLogger(__name__)
+
+REQUESTS = Counter("modelprint_gateway_requests_total", "Requests by route and status", ["route", "status"])
+ROWS = Counter("modelprint_gateway_rows_total", "Rows answered", ["model"])
+LATENCY = Histogram(
+    "modelprint_gateway_request_seconds",
+    "Request latency by route",
+    ["route"],
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
+)
+
+
+def _labels(model: DeployedModel, reply: PredictReply) -> list[Any]:
+    return [model.classes[index] for index in reply.label_indices]
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """The gateway application."""
+    settings = settings or GatewaySettings()
+    redis_client = aioredis.Redis.from_url(settings.require_redis_url(), health_check_interval=10)
+    celery = create_celery_app(settings, main="modelprint-gateway")
+    dispatcher = service.Dispatcher(
+        celery, redis_client, settings.predict_timeout_seconds, settings.max_inference_backlog
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await dispatcher.start()
+        logger.info("gateway ready", extra={"reply_channel": dispatcher.channel})
+        yield
+        await dispatcher.stop()
+        await redis_client.aclose()
+
+    app = FastAPI(title="modelprint gateway", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        route_path = getattr(route, "path", "unmatched")
+        LATENCY.labels(route_path).observe(time.perf_counter() - started)
+        REQUESTS.labels(route_path, str(response.status_code)).inc()
+        return response
+
+    async def answer(
+        request: Request, name: str, authorization: str | None, v2: bool
+    ) -> tuple[DeployedModel, PredictReply]:
+        client = await service.authenticate(redis_client, authorization)
+        model = await service.deployed_model(redis_client, name)
+        body = await service.read_body(
+            request.stream(), request.headers.get("content-length"), settings.max_body_bytes
+        )
+        if v2:
+            rows = service.v2_inputs_to_array(service.parse_json(body), model, settings.max_batch_rows)
+        else:
+            payload = service.parse_json(body)
+            if not isinstance(payload, dict) or "instances" not in payload:
+                raise ApiError(422, 'the body must be an object {"instances": [[number, ...], ...]}')
+            rows = service.rows_to_array(payload["instances"], model, settings.max_batch_rows)
+        reply = await dispatcher.predict(client, model, rows)
+        ROWS.labels(model.name).inc(len(reply.label_indices))
+        return model, reply
+
+    @app.post("/v1/models/{name}/predict")
+    async def predict_v1(
+        name: str, request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> Response:
+        model, reply = await answer(request, name, authorization, v2=False)
+        return OrjsonResponse(
+            {
+                "model": model.name,
+                "version": reply.version,
+                "classes": reply.classes,
+                "predictions": [
+                    {"label": label, "probabilities": probabilities}
+                    for label, probabilities in zip(_labels(model, reply), reply.probabilities, strict=True)
+                ],
+                "request_id": reply.request_id,
+            }
+        )
+
+    @app.get("/v1/models/{name}")
+    async def model_info_v1(name: str, authorization: Annotated[str | None, Header()] = None) -> Response:
+        await service.authenticate(redis_client, authorization)
+        model = await service.deployed_model(redis_client, name)
+        return OrjsonResponse(
+            {
+                "model": model.name,
+                "version": model.version,
+                "n_features": model.n_features,
+                "classes": model.classes,
+            }
+        )
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return OrjsonResponse({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        try:
+            await redis_client.ping()
+            redis_ok = True
+        except RedisError:
+            redis_ok = False
+        is_ready = redis_ok and dispatcher.healthy
+        return OrjsonResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @app.get("/v2")
+    async def server_metadata() -> Response:
+        return OrjsonResponse({"name": "modelprint", "version": "0.1.0", "extensions": []})
+
+    @app.get("/v2/models/{name}")
+    async def model_metadata(name: str, authorization: Annotated[str | None, Header()] = None) -> Response:
+        await service.authenticate(redis_client, authorization)
+        model = await service.deployed_model(redis_client, name)
+        return OrjsonResponse(
+            {
+                "name": model.name,
+                "versions": [str(model.version)],
+                "platform": "sklearn",
+                "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, model.n_features]}],
+                "outputs": [
+                    {"name": "probabilities", "datatype": "FP64", "shape": [-1, len(model.classes)]},
+                    {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                ],
+            }
+        )
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str, authorization: Annotated[str | None, Header()] = None) -> Response:
+        await service.authenticate(redis_client, authorization)
+        model = await service.deployed_model(redis_client, name)
+        return OrjsonResponse({"name": model.name, "ready": True})
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer_v2(
+        name: str, request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> Response:
+        model, reply = await answer(request, name, authorization, v2=True)
+        rows = len(reply.label_indices)
+        flat_probabilities = [value for row in reply.probabilities for value in row]
+        return OrjsonResponse(
+            {
+                "model_name": model.name,
+                "model_version": str(reply.version),
+                "id": reply.request_id,
+                "outputs": [
+                    {
+                        "name": "probabilities",
+                        "shape": [rows, len(reply.classes)],
+                        "datatype": "FP64",
+                        "data": flat_probabilities,
+                    },
+                    {
+                        "name": "label",
+                        "shape": [rows],
+                        "datatype": "BYTES",
+                        "data": [str(label) for label in _labels(model, reply)],
+                    },
+                ],
+            }
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

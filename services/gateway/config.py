@@ -1,0 +1,13 @@
+"""Gateway settings: request limits enforced before anything is enqueued."""
+
+from pydantic import Field
+
+from shared.config import Settings
+
+
+class GatewaySettings(Settings):
+    max_batch_rows: int = Field(default=1024, ge=1)
+    max_features: int = Field(default=4096, ge=1)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    predict_timeout_seconds: float = Field(default=10.0, gt=0)
+    max_inference_backlog: int = Field(default=5000, ge=1)

@@ -1,0 +1,133 @@
+"""Inference: load a model version once, predict, fingerprint, and build the reply and audit batch."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from shared.config import Secrets
+from shared.db import Model, ModelVersion, session_scope
+from shared.fingerprint import FingerprintScheme
+from shared.modelfile import load_model_bytes, sha256_hex
+from shared.schemas import PredictJob, PredictReply, QueryBatch
+
+logger = logging.getLogger(__name__)
+
+
+class ModelUnavailableError(LookupError):
+    """The requested model version is not in the database."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model version ready to serve."""
+
+    name: str
+    version: int
+    estimator: Any
+    classes: list[Any]
+    n_features: int
+    sha256: str
+
+
+class ModelCache:
+    """Loads each (name, version) from PostgreSQL once per process and keeps it."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self._models: dict[tuple[str, int], LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, version: int) -> LoadedModel:
+        """The loaded model, reading and verifying its artifact on first use."""
+        cached = self._models.get((name, version))
+        if cached is not None:
+            return cached
+        with self._lock:
+            cached = self._models.get((name, version))
+            if cached is None:
+                cached = self._load(name, version)
+                self._models[(name, version)] = cached
+            return cached
+
+    def _load(self, name: str, version: int) -> LoadedModel:
+        with session_scope(self.database_url) as session:
+            row = session.execute(
+                select(ModelVersion)
+                .join(Model, Model.id == ModelVersion.model_id)
+                .where(Model.name == name, ModelVersion.version == version)
+            ).scalar_one_or_none()
+            if row is None:
+                raise ModelUnavailableError(f"model {name!r} version {version} is not deployed")
+            artifact, expected_sha, classes = row.artifact, row.sha256, list(row.classes)
+        if sha256_hex(artifact) != expected_sha:
+            raise ModelUnavailableError(
+                f"model {name!r} version {version}: artifact does not match its SHA-256"
+            )
+        estimator = load_model_bytes(artifact)
+        logger.info("model loaded", extra={"model": name, "version": version, "sha256": expected_sha})
+        return LoadedModel(name, version, estimator, classes, int(estimator.n_features_in_), expected_sha)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Fingerprinted answers for a batch, plus what the audit trail needs."""
+
+    label_indices: np.ndarray
+    probabilities: np.ndarray
+    perturbation: np.ndarray
+
+
+def predict_fingerprinted(
+    model: LoadedModel, inputs: np.ndarray, scheme: FingerprintScheme, key: bytes
+) -> Prediction:
+    """Clean probabilities, their top-1 labels, and the fingerprinted probabilities (same labels)."""
+    clean = np.asarray(model.estimator.predict_proba(inputs), dtype=np.float64)
+    label_indices = np.argmax(clean, axis=1)
+    result = scheme.apply(clean, inputs, key)
+    return Prediction(label_indices, result.probabilities, result.perturbation)
+
+
+def run_predict_job(
+    job: PredictJob, cache: ModelCache, scheme: FingerprintScheme, secrets: Secrets
+) -> tuple[PredictReply, QueryBatch | None]:
+    """Answer one gateway request; the audit batch is None when nothing was answered."""
+    try:
+        model = cache.get(job.model, job.version)
+    except ModelUnavailableError as exc:
+        return PredictReply(request_id=job.request_id, ok=False, status=404, error=str(exc)), None
+    inputs = np.asarray(job.instances, dtype=np.float64)
+    if inputs.ndim != 2 or inputs.shape[1] != model.n_features or not np.all(np.isfinite(inputs)):
+        message = f"expected finite rows of {model.n_features} features, got shape {inputs.shape}"
+        return PredictReply(request_id=job.request_id, ok=False, status=422, error=message), None
+    prediction = predict_fingerprinted(model, inputs, scheme, secrets.active_key)
+    label_indices = prediction.label_indices.tolist()
+    probabilities = prediction.probabilities.tolist()
+    reply = PredictReply(
+        request_id=job.request_id,
+        ok=True,
+        version=model.version,
+        classes=model.classes,
+        label_indices=label_indices,
+        probabilities=probabilities,
+    )
+    batch = QueryBatch(
+        request_id=job.request_id,
+        client_id=job.client_id,
+        model=model.name,
+        version=model.version,
+        scheme=scheme.name,
+        key_id=secrets.active_key_id,
+        answered_at=datetime.now(UTC),
+        inputs=job.instances,
+        probabilities=probabilities,
+        label_indices=label_indices,
+        labels=[str(model.classes[index]) for index in label_indices],
+    )
+    return reply, batch

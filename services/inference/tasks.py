@@ -1,0 +1,73 @@
+"""Celery tasks of the inference worker: thin wrappers around service functions."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import redis
+from celery.signals import worker_process_init
+
+from services.inference.config import InferenceSettings
+from services.inference.service import ModelCache, run_predict_job
+from shared.celery_app import create_celery_app
+from shared.config import Secrets, load_secrets
+from shared.fingerprint import FingerprintScheme, get_scheme
+from shared.logs import configure_logging
+from shared.names import QUEUE_AUDIT, TASK_PREDICT, TASK_RECORD_QUERIES
+from shared.schemas import PredictJob, PredictReply
+
+logger = logging.getLogger(__name__)
+
+settings = InferenceSettings()
+app = create_celery_app(settings, main="modelprint-inference")
+
+
+@dataclass
+class WorkerRuntime:
+    """Per-process state: loaded models, key material, the reply connection."""
+
+    cache: ModelCache
+    scheme: FingerprintScheme
+    secrets: Secrets
+    redis: redis.Redis
+
+
+@lru_cache(maxsize=1)
+def runtime() -> WorkerRuntime:
+    """Built lazily in each worker process (after the prefork), then reused."""
+    return WorkerRuntime(
+        cache=ModelCache(settings.require_database_url()),
+        scheme=get_scheme(settings.fingerprint_scheme, settings.fingerprint_alpha),
+        secrets=load_secrets(settings),
+        redis=redis.Redis.from_url(settings.require_redis_url()),
+    )
+
+
+@worker_process_init.connect
+def _init_worker_process(**_: Any) -> None:
+    configure_logging("inference", settings.log_level, settings.log_format)
+    runtime()
+
+
+@app.task(
+    name=TASK_PREDICT,
+    autoretry_for=(redis.ConnectionError, redis.TimeoutError),
+    retry_backoff=True,
+    max_retries=5,
+)
+def predict(**payload: Any) -> None:
+    """Predict, fingerprint, enqueue the audit batch, then reply (so no answer goes unrecorded)."""
+    job = PredictJob.model_validate(payload)
+    state = runtime()
+    try:
+        reply, batch = run_predict_job(job, state.cache, state.scheme, state.secrets)
+    except Exception:
+        logger.exception("prediction failed", extra={"request_id": job.request_id, "model": job.model})
+        reply = PredictReply(request_id=job.request_id, ok=False, status=500, error="inference failed")
+        batch = None
+    if batch is not None:
+        app.send_task(TASK_RECORD_QUERIES, kwargs=batch.model_dump(mode="json"), queue=QUEUE_AUDIT)
+    state.redis.publish(job.reply_to, reply.model_dump_json())

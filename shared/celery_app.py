@@ -1,0 +1,38 @@
+"""The one Celery configuration every service uses."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from shared.config import Settings
+from shared.names import ALL_QUEUES, QUEUE_AUDIT, QUEUE_INFERENCE, TASK_PREDICT, TASK_RECORD_QUERIES
+
+
+def create_celery_app(settings: Settings, main: str = "modelprint") -> Celery:
+    """A Celery app bound to the settings' Redis, with explicit queues and at-least-once delivery."""
+    app = Celery(main, broker=settings.require_redis_url())
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        # Replies to the gateway travel on a Redis pub/sub channel; no result backend needed.
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_queues=[Queue(name) for name in ALL_QUEUES],
+        task_default_queue=QUEUE_AUDIT,
+        task_create_missing_queues=False,
+        task_routes={TASK_PREDICT: {"queue": QUEUE_INFERENCE}, TASK_RECORD_QUERIES: {"queue": QUEUE_AUDIT}},
+        task_soft_time_limit=120,
+        task_time_limit=180,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        worker_prefetch_multiplier=4,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        timezone="UTC",
+        enable_utc=True,
+    )
+    return app

@@ -1,0 +1,18 @@
+"""Contracts between services: queue names, task names and Redis key names."""
+
+from typing import Final
+
+QUEUE_INFERENCE: Final = "inference"
+QUEUE_AUDIT: Final = "audit"
+QUEUE_SCANS: Final = "scans"
+ALL_QUEUES: Final = (QUEUE_INFERENCE, QUEUE_AUDIT, QUEUE_SCANS)
+
+TASK_PREDICT: Final = "inference.predict"
+TASK_RECORD_QUERIES: Final = "audit.record_queries"
+TASK_SYNC_REGISTRY: Final = "audit.sync_registry"
+
+# Redis keys. The auditor publishes the registry (API keys, deployed model versions) here from
+# PostgreSQL, which stays the source of truth; the gateway only reads them.
+REDIS_API_KEYS: Final = "modelprint:apikeys"
+REDIS_MODELS: Final = "modelprint:models"
+REDIS_REPLY_CHANNEL_PREFIX: Final = "modelprint:replies:"

@@ -1,0 +1,94 @@
+"""Payloads that cross a queue or a channel between services (pydantic, JSON-serialisable)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ClassLabel = str | int | float | bool
+
+
+class DeployedModel(BaseModel):
+    """What the gateway needs to validate and route a request for a model's active version."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: int
+    n_features: int
+    classes: list[ClassLabel]
+    sha256: str
+
+
+class ClientIdentity(BaseModel):
+    """The client an API key belongs to."""
+
+    model_config = ConfigDict(frozen=True)
+
+    client_id: int
+    name: str
+
+
+class PredictJob(BaseModel):
+    """One gateway request for the inference queue."""
+
+    request_id: str
+    reply_to: str
+    client_id: int
+    model: str
+    version: int
+    instances: list[list[float]]
+    received_at: datetime
+
+
+class PredictReply(BaseModel):
+    """The inference worker's answer, published on the gateway's reply channel."""
+
+    request_id: str
+    ok: bool
+    status: int = 200
+    error: str | None = None
+    version: int | None = None
+    classes: list[ClassLabel] = Field(default_factory=list)
+    label_indices: list[int] = Field(default_factory=list)
+    probabilities: list[list[float]] = Field(default_factory=list)
+
+
+class QueryBatch(BaseModel):
+    """Every answered row of one request, for the audit queue (one message per request)."""
+
+    request_id: str
+    client_id: int
+    model: str
+    version: int
+    scheme: str
+    key_id: str
+    answered_at: datetime
+    inputs: list[list[float]]
+    probabilities: list[list[float]]
+    label_indices: list[int]
+    labels: list[str]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The batch as one insertable dict per answered row."""
+        return [
+            {
+                "request_id": self.request_id,
+                "row_index": index,
+                "client_id": self.client_id,
+                "model_name": self.model,
+                "model_version": self.version,
+                "scheme": self.scheme,
+                "key_id": self.key_id,
+                "answered_at": self.answered_at,
+                "input": row_input,
+                "probabilities": row_probabilities,
+                "label_index": label_index,
+                "label": label,
+            }
+            for index, (row_input, row_probabilities, label_index, label) in enumerate(
+                zip(self.inputs, self.probabilities, self.label_indices, self.labels, strict=True)
+            )
+        ]

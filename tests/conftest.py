@@ -1,0 +1,123 @@
+"""Fixtures: one real stack per test session (embedded Redis/PostgreSQL unless MODELPRINT_*_URL are set).
+
+Tests stay isolated by creating their own clients and model names; nothing is shared between tests
+except the servers and the deployed models built here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+from modelprint.client import GatewayClient, OperatorClient
+from modelprint.stack import Stack, StackOptions
+from shared.config import Secrets, Settings, load_secrets
+from shared.embedded import free_port
+
+T = TypeVar("T")
+
+# Small values so fault tests run in seconds: an unacknowledged message returns to its queue after
+# this many seconds, and a request waits at most this long for a worker.
+TEST_VISIBILITY_TIMEOUT = 5
+TEST_PREDICT_TIMEOUT = 4
+
+
+def wait_until(condition: Callable[[], T], timeout: float, message: str, interval: float = 0.1) -> T:
+    """Poll until the condition returns something truthy; fail with the message at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s: {message}")
+        time.sleep(interval)
+
+
+@dataclass
+class DeployedTestModel:
+    """A model deployed on the test stack, with the estimator to compare answers against."""
+
+    name: str
+    estimator: Any
+    X: np.ndarray
+    y: np.ndarray
+
+
+@dataclass
+class RunningStack:
+    """Handles to the session's stack."""
+
+    stack: Stack
+    settings: Settings
+    secrets: Secrets
+    data_dir: Path
+
+    def operator(self) -> OperatorClient:
+        return OperatorClient(self.settings.auditor_url, self.secrets.admin_token)
+
+    def new_client(self, prefix: str = "client") -> tuple[int, GatewayClient, str]:
+        """A fresh client: (id, gateway client, raw api key)."""
+        with self.operator() as operator:
+            created = operator.create_client(f"{prefix}-{uuid.uuid4().hex[:8]}")
+        return created["id"], GatewayClient(self.settings.gateway_url, created["api_key"]), created["api_key"]
+
+    def query_count(self, client_id: int) -> int:
+        with self.operator() as operator:
+            return len(operator.all_queries(client_id))
+
+
+@pytest.fixture(scope="session")
+def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """The whole system, started once per test session."""
+    data_dir = tmp_path_factory.mktemp("modelprint-data")
+    overrides = {
+        "MODELPRINT_DATA_DIR": str(data_dir),
+        "MODELPRINT_GATEWAY_PORT": str(free_port()),
+        "MODELPRINT_AUDITOR_PORT": str(free_port()),
+        "MODELPRINT_BROKER_VISIBILITY_TIMEOUT": str(TEST_VISIBILITY_TIMEOUT),
+        "MODELPRINT_PREDICT_TIMEOUT_SECONDS": str(TEST_PREDICT_TIMEOUT),
+        "MODELPRINT_LOG_LEVEL": "INFO",
+    }
+    previous = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    settings = Settings()
+    stack = Stack(settings, StackOptions(inference_workers=1, inference_concurrency=2, with_beat=True))
+    try:
+        stack.start()
+        yield RunningStack(stack=stack, settings=settings, secrets=load_secrets(settings), data_dir=data_dir)
+    finally:
+        stack.stop()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def small_model(running_stack: RunningStack, tmp_path_factory: pytest.TempPathFactory) -> DeployedTestModel:
+    """A 3-class MLP on 6 features, deployed once for the session."""
+    import skops.io as sio
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(7)
+    features = rng.normal(size=(600, 6))
+    labels = np.array(["low", "mid", "high"])[np.digitize(features[:, 0] + 0.5 * features[:, 1], [-0.6, 0.6])]
+    estimator = MLPClassifier(hidden_layer_sizes=(16,), max_iter=2000, random_state=1).fit(features, labels)
+    folder = tmp_path_factory.mktemp("small-model")
+    model_path = folder / "small.skops"
+    sio.dump(estimator, model_path)
+    reference_path = folder / "reference.npz"
+    np.savez(reference_path, X=features[:100], y=labels[:100])
+    with running_stack.operator() as operator:
+        operator.deploy_model("small-mlp", model_path, reference_path)
+    return DeployedTestModel("small-mlp", estimator, features, labels)

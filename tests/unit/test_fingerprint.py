@@ -1,0 +1,490 @@
+"""Unit tests for shared.fingerprint: canonical row bytes, the HMAC base signal and the schemes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from shared.fingerprint import (
+    MARGIN,
+    SCHEMES,
+    FingerprintResult,
+    HmacSecondClassScheme,
+    NoFingerprintScheme,
+    canonical_messages,
+    canonical_row_bytes,
+    get_scheme,
+    hmac_base,
+    second_vs_top_log_ratio,
+)
+
+KEY = b"modelprint-unit-test-key-A"
+OTHER_KEY = b"modelprint-unit-test-key-B"
+ALPHA = 0.08
+EPSILON = 1e-8
+N_FEATURES = 5
+HEADER_TAG = b"modelprint.v1\x00"
+
+
+def _random_inputs(rng: np.random.Generator, n_rows: int) -> np.ndarray:
+    return rng.normal(size=(n_rows, N_FEATURES))
+
+
+def _paper_base_scalar(row: np.ndarray, key: bytes) -> float:
+    """The paper's Algorithm 1 for one row, with the message built independently of the module."""
+    message = HEADER_TAG + struct.pack("<I", row.size) + struct.pack(f"<{row.size}d", *row.tolist())
+    fingerprint_int = int(hmac.new(key, message, hashlib.sha256).hexdigest()[:8], 16)
+    return (fingerprint_int % 10**6) / 250000 - 2.0
+
+
+def _top_and_second(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    top = np.argmax(probabilities, axis=1)
+    masked = probabilities.copy()
+    masked[np.arange(len(masked)), top] = -np.inf
+    return top, np.argmax(masked, axis=1)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    exponentials = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def _paper_unbounded_step(probabilities: np.ndarray, inputs: np.ndarray, key: bytes) -> np.ndarray:
+    """The paper's step as published: add alpha * base to the runner-up's logit with no bound."""
+    rows = np.arange(len(probabilities))
+    _, second = _top_and_second(probabilities)
+    logits = np.log(probabilities + EPSILON)
+    logits[rows, second] += ALPHA * hmac_base(inputs, key)
+    return _softmax(logits)
+
+
+def _bounded_step_without_rounding_guard(
+    probabilities: np.ndarray, inputs: np.ndarray, key: bytes
+) -> np.ndarray:
+    """The bounded step, but without the scheme's final guard against rounding merging near-tied classes."""
+    rows = np.arange(len(probabilities))
+    top, second = _top_and_second(probabilities)
+    logits = np.log(probabilities + EPSILON)
+    gap = logits[rows, top] - logits[rows, second]
+    logits[rows, second] += np.minimum(ALPHA * hmac_base(inputs, key), gap - MARGIN)
+    return _softmax(logits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Probability batches for the label-preservation test. Each builder returns an (n, n_classes) array whose
+# rows sum to about 1, with classes shuffled per row so ties and near-ties sit at every index.
+
+
+def _shuffled(rng: np.random.Generator, probabilities: np.ndarray) -> np.ndarray:
+    return rng.permuted(probabilities, axis=1)
+
+
+def _fill_rest(rng: np.random.Generator, n_rows: int, n_rest: int, mass: np.ndarray) -> np.ndarray:
+    if n_rest == 0:
+        return np.zeros((n_rows, 0))
+    return rng.dirichlet(np.ones(n_rest), size=n_rows) * mass[:, None]
+
+
+def _dirichlet_rows(rng: np.random.Generator, n_rows: int, n_classes: int) -> np.ndarray:
+    return rng.dirichlet(np.ones(n_classes), size=n_rows)
+
+
+def _sparse_dirichlet_rows(rng: np.random.Generator, n_rows: int, n_classes: int) -> np.ndarray:
+    # A tiny concentration puts most of the mass on one class and leaves values down to ~1e-300 or 0.
+    return rng.dirichlet(np.full(n_classes, 0.05), size=n_rows)
+
+
+def _near_tie_rows(rng: np.random.Generator, n_rows: int, n_classes: int) -> np.ndarray:
+    gap = 10.0 ** rng.uniform(-12, -3, size=n_rows)
+    if n_classes == 2:
+        top = (1.0 + gap) / 2.0
+    else:
+        # Top above 0.35 leaves at most 0.3 + gap for the rest, so the runner-up is the second largest.
+        top = rng.uniform(0.35, 0.5, size=n_rows)
+    second = top - gap
+    rest = _fill_rest(rng, n_rows, n_classes - 2, 1.0 - top - second)
+    return _shuffled(rng, np.column_stack([top, second, rest]))
+
+
+def _exact_tie_rows(rng: np.random.Generator, n_rows: int, n_classes: int) -> np.ndarray:
+    tied = np.full(n_rows, 0.5) if n_classes == 2 else rng.uniform(0.35, 0.5, size=n_rows)
+    rest = _fill_rest(rng, n_rows, n_classes - 2, 1.0 - 2.0 * tied)
+    return _shuffled(rng, np.column_stack([tied, tied, rest]))
+
+
+def _three_way_tie_rows(rng: np.random.Generator, n_rows: int, n_classes: int) -> np.ndarray:
+    tied = np.full(n_rows, 1.0 / 3.0) if n_classes == 3 else rng.uniform(0.26, 1.0 / 3.0, size=n_rows)
+    rest = _fill_rest(rng, n_rows, n_classes - 3, 1.0 - 3.0 * tied)
+    return _shuffled(rng, np.column_stack([tied, tied, tied, rest]))
+
+
+def _ulp_tie_rows(rng: np.random.Generator, n_rows: int, n_classes: int) -> np.ndarray:
+    # Two classes tied and a third a few ulps above them: float rounding inside the softmax can merge the
+    # untouched tied class with the top one, which must not hand it the label when it has the lower index.
+    tied = rng.uniform(0.3, 0.33, size=n_rows)
+    top = tied.copy()
+    for _ in range(3):
+        step_up = rng.random(n_rows) < 0.7
+        top[step_up] = np.nextafter(top[step_up], 1.0)
+    top = np.where(top == tied, np.nextafter(tied, 1.0), top)
+    rest = _fill_rest(rng, n_rows, n_classes - 3, 1.0 - 2.0 * tied - top)
+    return _shuffled(rng, np.column_stack([tied, tied, top, rest]))
+
+
+def _one_hot_rows(rng: np.random.Generator, n_rows: int, n_classes: int) -> np.ndarray:
+    return np.eye(n_classes)[rng.integers(n_classes, size=n_rows)]
+
+
+def _near_zero_rows(rng: np.random.Generator, n_rows: int, n_classes: int) -> np.ndarray:
+    tiny = 10.0 ** rng.uniform(-300, -9, size=(n_rows, n_classes - 1))
+    tiny[rng.random(tiny.shape) < 0.3] = 0.0
+    return _shuffled(rng, np.column_stack([1.0 - tiny.sum(axis=1), tiny]))
+
+
+# (builder, rows per class count, smallest class count it supports)
+ROW_BUILDERS = {
+    "dirichlet": (_dirichlet_rows, 4_000, 2),
+    "sparse-dirichlet": (_sparse_dirichlet_rows, 3_000, 2),
+    "near-tie": (_near_tie_rows, 6_000, 2),
+    "exact-tie": (_exact_tie_rows, 3_000, 2),
+    "three-way-tie": (_three_way_tie_rows, 2_000, 3),
+    "ulp-tie": (_ulp_tie_rows, 1_000, 3),
+    "one-hot": (_one_hot_rows, 400, 2),
+    "near-zero": (_near_zero_rows, 1_200, 2),
+}
+
+
+def _label_test_batches() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(kind, probabilities, inputs) batches over 2-6 classes, 100,000 rows in all, from a fixed seed."""
+    rng = np.random.default_rng(20240611)
+    batches = []
+    for kind, (build, n_rows, min_classes) in ROW_BUILDERS.items():
+        for n_classes in range(min_classes, 7):
+            probabilities = build(rng, n_rows, n_classes)
+            batches.append((kind, probabilities, _random_inputs(rng, n_rows)))
+    return batches
+
+
+@pytest.fixture(scope="module")
+def label_test_batches() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    return _label_test_batches()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Canonical serialisation
+
+
+def test_canonical_row_bytes_has_the_documented_layout() -> None:
+    row = np.array([1.5, -2.0, 0.1, 1e-300])
+    expected = HEADER_TAG + struct.pack("<I", 4) + struct.pack("<4d", 1.5, -2.0, 0.1, 1e-300)
+    assert canonical_row_bytes(row) == expected
+    assert len(expected) == 14 + 4 + 4 * 8
+
+
+def test_negative_zero_serialises_like_positive_zero_without_touching_the_caller_array() -> None:
+    with_negative_zero = np.array([[-0.0, 1.0, -0.0], [2.0, -0.0, 3.0]])
+    with_positive_zero = np.abs(with_negative_zero)
+    assert canonical_messages(with_negative_zero) == canonical_messages(with_positive_zero)
+    assert canonical_row_bytes(np.array([-0.0])) == HEADER_TAG + struct.pack("<I", 1) + struct.pack("<d", 0.0)
+    np.testing.assert_array_equal(hmac_base(with_negative_zero, KEY), hmac_base(with_positive_zero, KEY))
+    assert np.signbit(with_negative_zero[0, 0])
+
+
+def test_float32_inputs_serialise_as_their_exact_float64_value() -> None:
+    row32 = np.array([0.1, 1.0 / 3.0, -7.25, 3e-5], dtype=np.float32)
+    expected = HEADER_TAG + struct.pack("<I", 4) + struct.pack("<4d", *(float(value) for value in row32))
+    assert canonical_row_bytes(row32.astype(np.float64)) == expected
+    assert canonical_messages(row32[None, :]) == [expected]
+    # Widening is not a no-op: the float64 literals have different bytes, so the test can tell them apart.
+    assert canonical_row_bytes(np.array([0.1, 1.0 / 3.0, -7.25, 3e-5])) != expected
+
+
+def test_canonical_messages_do_not_depend_on_memory_layout_or_byte_order() -> None:
+    rng = np.random.default_rng(1)
+    inputs = _random_inputs(rng, 7)
+    expected = [
+        HEADER_TAG + struct.pack("<I", N_FEATURES) + struct.pack(f"<{N_FEATURES}d", *row.tolist())
+        for row in inputs
+    ]
+    assert canonical_messages(inputs) == expected
+    assert canonical_messages(np.asfortranarray(inputs)) == expected
+    assert canonical_messages(inputs.astype(">f8")) == expected
+    wider = np.column_stack([inputs, np.zeros((7, 3))])
+    assert canonical_messages(wider[:, :N_FEATURES]) == expected
+    assert [canonical_row_bytes(row) for row in inputs] == expected
+
+
+def test_canonical_serialisation_rejects_wrong_dimensions() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        canonical_messages(np.zeros(3))
+    with pytest.raises(ValueError, match="1-D"):
+        canonical_row_bytes(np.zeros((1, 3)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HMAC base signal
+
+
+def test_hmac_base_is_deterministic_per_key_and_input() -> None:
+    inputs = _random_inputs(np.random.default_rng(2), 500)
+    first = hmac_base(inputs, KEY)
+    np.testing.assert_array_equal(first, hmac_base(inputs.copy(), KEY))
+    assert first.shape == (500,)
+    assert first.dtype == np.float64
+
+
+def test_hmac_base_changes_with_the_key() -> None:
+    inputs = _random_inputs(np.random.default_rng(3), 1_000)
+    fraction_equal = np.mean(hmac_base(inputs, KEY) == hmac_base(inputs, OTHER_KEY))
+    assert fraction_equal < 0.01
+
+
+def test_hmac_base_matches_the_papers_scalar_formula() -> None:
+    inputs = _random_inputs(np.random.default_rng(4), 200)
+    expected = np.array([_paper_base_scalar(row, KEY) for row in inputs])
+    np.testing.assert_array_equal(hmac_base(inputs, KEY), expected)
+
+
+def test_hmac_base_is_uniform_on_minus_two_to_two() -> None:
+    base = hmac_base(_random_inputs(np.random.default_rng(5), 20_000), KEY)
+    assert base.min() >= -2.0
+    assert base.max() < 2.0
+    assert stats.kstest(base, "uniform", args=(-2.0, 4.0)).pvalue > 0.001
+    assert abs(base.mean()) < 0.05
+
+
+def test_hmac_base_rejects_an_empty_key() -> None:
+    with pytest.raises(ValueError, match="key"):
+        hmac_base(np.zeros((2, 3)), b"")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HmacSecondClassScheme: the top-1 label never changes
+
+
+def test_top1_label_is_preserved_on_100k_rows_including_near_ties(
+    label_test_batches: list[tuple[str, np.ndarray, np.ndarray]],
+) -> None:
+    scheme = HmacSecondClassScheme(alpha=ALPHA)
+    assert sum(len(probabilities) for _, probabilities, _ in label_test_batches) >= 100_000
+    for kind, probabilities, inputs in label_test_batches:
+        result = scheme.apply(probabilities, inputs, KEY)
+        returned = result.probabilities
+        context = f"{kind} rows with {probabilities.shape[1]} classes"
+        assert returned.shape == probabilities.shape, context
+        assert returned.dtype == np.float64, context
+        np.testing.assert_array_equal(np.argmax(returned, axis=1), np.argmax(probabilities, axis=1), context)
+        np.testing.assert_allclose(returned.sum(axis=1), 1.0, rtol=0, atol=1e-9, err_msg=context)
+        assert returned.min() >= 0.0, context
+        assert returned.max() <= 1.0, context
+        assert result.perturbation.shape == (len(probabilities),), context
+        assert np.all(result.perturbation <= ALPHA * hmac_base(inputs, KEY)), context
+
+
+def test_papers_unbounded_step_flips_labels_on_near_ties(
+    label_test_batches: list[tuple[str, np.ndarray, np.ndarray]],
+) -> None:
+    flipped_rows = 0
+    near_tie_rows = 0
+    for kind, probabilities, inputs in label_test_batches:
+        if kind != "near-tie":
+            continue
+        unbounded = _paper_unbounded_step(probabilities, inputs, KEY)
+        flipped_rows += int(np.sum(np.argmax(unbounded, axis=1) != np.argmax(probabilities, axis=1)))
+        near_tie_rows += len(probabilities)
+    # About half of the base values are positive, and any positive step beats a gap of at most ~2e-3.
+    assert flipped_rows > 0.3 * near_tie_rows
+
+
+def test_rounding_guard_keeps_label_when_an_untouched_class_is_ulps_below_the_top() -> None:
+    # Class 1 is tied with the runner-up (class 0) and one ulp below the top (class 2); only class 0 is
+    # perturbed, yet rounding in log(p + 1e-8) alone makes class 1 equal to class 2 in about a quarter of
+    # the rows, and argmax then picks class 1 for its lower index.
+    rng = np.random.default_rng(6)
+    tied = rng.uniform(0.2, 0.33, size=5_000)
+    top = np.nextafter(tied, 1.0)
+    probabilities = np.column_stack([tied, tied, top])
+    inputs = _random_inputs(rng, len(probabilities))
+    unguarded = _bounded_step_without_rounding_guard(probabilities, inputs, KEY)
+    assert np.any(np.argmax(unguarded, axis=1) != 2), "rows no longer exercise the rounding merge"
+    result = HmacSecondClassScheme(alpha=ALPHA).apply(probabilities, inputs, KEY)
+    np.testing.assert_array_equal(np.argmax(result.probabilities, axis=1), 2)
+    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "tied_row",
+    [[0.5, 0.5], [0.4, 0.4, 0.2], [0.2, 0.4, 0.4], [0.4, 0.2, 0.4], [0.25, 0.25, 0.25, 0.25]],
+)
+def test_exact_ties_keep_the_first_index_and_open_a_margin_below_it(tied_row: list[float]) -> None:
+    probabilities = np.tile(tied_row, (500, 1))
+    inputs = _random_inputs(np.random.default_rng(10), len(probabilities))
+    result = HmacSecondClassScheme(alpha=ALPHA).apply(probabilities, inputs, KEY)
+    top, second = _top_and_second(probabilities)
+    rows = np.arange(len(probabilities))
+    np.testing.assert_array_equal(np.argmax(result.probabilities, axis=1), top)
+    assert np.all(result.perturbation <= -1e-6)
+    # Half the rows draw a positive step, which the bound turns into exactly the 1e-6 margin.
+    returned_log_gap = np.log(result.probabilities[rows, top]) - np.log(result.probabilities[rows, second])
+    assert returned_log_gap.min() > 0.999e-6
+    assert np.mean(np.abs(result.perturbation + 1e-6) < 1e-12) > 0.3
+
+
+def test_bounded_perturbation_is_the_smaller_of_step_and_gap_minus_margin(
+    label_test_batches: list[tuple[str, np.ndarray, np.ndarray]],
+) -> None:
+    _, probabilities, inputs = next(batch for batch in label_test_batches if batch[0] == "near-tie")
+    rows = np.arange(len(probabilities))
+    top, second = _top_and_second(probabilities)
+    logits = np.log(probabilities + EPSILON)
+    gap = logits[rows, top] - logits[rows, second]
+    result = HmacSecondClassScheme(alpha=ALPHA).apply(probabilities, inputs, KEY)
+    expected = np.minimum(ALPHA * hmac_base(inputs, KEY), gap - MARGIN)
+    np.testing.assert_allclose(result.perturbation, expected, rtol=0, atol=1e-12)
+    # On near-ties the bound is what decides for every row with a positive step.
+    assert np.any(result.perturbation < ALPHA * hmac_base(inputs, KEY))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HmacSecondClassScheme: the fingerprint is actually applied
+
+
+def _well_separated_rows(rng: np.random.Generator, n_rows: int) -> np.ndarray:
+    # Log-gaps of about 1 between top and runner-up and 1.5 below it: far above the largest step, 0.16.
+    logits = np.array([0.0, -1.0, -2.5, -4.0]) + rng.uniform(-0.1, 0.1, size=(n_rows, 4))
+    return _shuffled(rng, _softmax(logits))
+
+
+@pytest.fixture(scope="module")
+def well_separated() -> tuple[np.ndarray, np.ndarray, FingerprintResult]:
+    rng = np.random.default_rng(7)
+    probabilities = _well_separated_rows(rng, 20_000)
+    inputs = _random_inputs(rng, len(probabilities))
+    return probabilities, inputs, HmacSecondClassScheme(alpha=ALPHA).apply(probabilities, inputs, KEY)
+
+
+def test_well_separated_rows_get_the_full_alpha_times_base(
+    well_separated: tuple[np.ndarray, np.ndarray, FingerprintResult],
+) -> None:
+    _, inputs, result = well_separated
+    np.testing.assert_allclose(result.perturbation, ALPHA * hmac_base(inputs, KEY), rtol=0, atol=1e-12)
+
+
+def test_returned_log_ratio_moves_by_the_applied_perturbation(
+    well_separated: tuple[np.ndarray, np.ndarray, FingerprintResult],
+) -> None:
+    probabilities, _, result = well_separated
+    shift = second_vs_top_log_ratio(result.probabilities) - second_vs_top_log_ratio(probabilities)
+    # The 1e-8 epsilon inside the logs is negligible against probabilities of a few percent or more.
+    np.testing.assert_allclose(shift, result.perturbation, rtol=0, atol=1e-6)
+    assert np.std(shift) > 0.05
+
+
+def test_perturbation_on_well_separated_rows_is_centred_and_spans_plus_minus_two_alpha(
+    well_separated: tuple[np.ndarray, np.ndarray, FingerprintResult],
+) -> None:
+    perturbation = well_separated[2].perturbation
+    assert abs(perturbation.mean()) < 0.005
+    assert perturbation.min() >= -2 * ALPHA
+    assert perturbation.max() < 2 * ALPHA
+    assert perturbation.min() < -2 * ALPHA + 0.001
+    assert perturbation.max() > 2 * ALPHA - 0.001
+
+
+def test_apply_on_clean_probabilities_recomputes_the_same_result(
+    well_separated: tuple[np.ndarray, np.ndarray, FingerprintResult],
+) -> None:
+    probabilities, inputs, result = well_separated
+    again = HmacSecondClassScheme(alpha=ALPHA).apply(probabilities.copy(), inputs.copy(), KEY)
+    np.testing.assert_array_equal(again.probabilities, result.probabilities)
+    np.testing.assert_array_equal(again.perturbation, result.perturbation)
+    other_key = HmacSecondClassScheme(alpha=ALPHA).apply(probabilities, inputs, OTHER_KEY)
+    assert not np.array_equal(other_key.perturbation, result.perturbation)
+
+
+def test_two_class_rows_are_fingerprinted() -> None:
+    rng = np.random.default_rng(8)
+    top = rng.uniform(0.7, 0.95, size=2_000)
+    probabilities = _shuffled(rng, np.column_stack([top, 1.0 - top]))
+    inputs = _random_inputs(rng, len(probabilities))
+    result = HmacSecondClassScheme(alpha=ALPHA).apply(probabilities, inputs, KEY)
+    np.testing.assert_allclose(result.perturbation, ALPHA * hmac_base(inputs, KEY), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(np.argmax(result.probabilities, axis=1), np.argmax(probabilities, axis=1))
+    shift = second_vs_top_log_ratio(result.probabilities) - second_vs_top_log_ratio(probabilities)
+    np.testing.assert_allclose(shift, result.perturbation, rtol=0, atol=1e-6)
+
+
+def test_second_vs_top_log_ratio_uses_first_index_on_ties() -> None:
+    three_classes = np.array([[0.2, 0.5, 0.3], [0.4, 0.2, 0.4], [0.6, 0.1, 0.3]])
+    expected = np.log(np.array([0.3, 0.4, 0.3]) + EPSILON) - np.log(np.array([0.5, 0.4, 0.6]) + EPSILON)
+    np.testing.assert_allclose(second_vs_top_log_ratio(three_classes), expected, rtol=0, atol=1e-15)
+    four_way_tie = np.array([[0.25, 0.25, 0.25, 0.25]])
+    np.testing.assert_array_equal(second_vs_top_log_ratio(four_way_tie), [0.0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Baseline, registry and validation
+
+
+def test_no_fingerprint_scheme_returns_the_probabilities_unchanged() -> None:
+    rng = np.random.default_rng(9)
+    probabilities = rng.dirichlet(np.ones(4), size=100).astype(np.float32)
+    result = NoFingerprintScheme().apply(probabilities, _random_inputs(rng, 100), KEY)
+    assert result.probabilities.dtype == np.float64
+    np.testing.assert_array_equal(result.probabilities, probabilities.astype(np.float64))
+    np.testing.assert_array_equal(result.perturbation, np.zeros(100))
+    float64_probabilities = probabilities.astype(np.float64)
+    copied = NoFingerprintScheme().apply(float64_probabilities, np.zeros((100, 1)), KEY).probabilities
+    assert not np.shares_memory(copied, float64_probabilities)
+
+
+def test_get_scheme_builds_registered_schemes() -> None:
+    hmac_scheme = get_scheme("hmac-second-class", alpha=0.05)
+    assert isinstance(hmac_scheme, HmacSecondClassScheme)
+    assert hmac_scheme.name == "hmac-second-class"
+    assert hmac_scheme.alpha == 0.05
+    default_strength = get_scheme("hmac-second-class")
+    assert isinstance(default_strength, HmacSecondClassScheme)
+    assert default_strength.alpha == ALPHA
+    assert isinstance(get_scheme("none"), NoFingerprintScheme)
+    assert get_scheme("none").name == "none"
+    assert set(SCHEMES) == {"hmac-second-class", "none"}
+
+
+def test_get_scheme_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match=r"unknown fingerprint scheme 'x'; known: hmac-second-class, none"):
+        get_scheme("x")
+
+
+@pytest.mark.parametrize("alpha", [-0.01, float("nan"), float("inf")])
+def test_hmac_scheme_rejects_invalid_alpha(alpha: float) -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        HmacSecondClassScheme(alpha=alpha)
+
+
+@pytest.mark.parametrize("scheme", [HmacSecondClassScheme(), NoFingerprintScheme()], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    ("probabilities", "inputs", "message"),
+    [
+        (np.array([0.3, 0.7]), np.zeros((1, 2)), "2-D"),
+        (np.ones((3, 1)), np.zeros((3, 2)), "at least 2 classes"),
+        (np.full((3, 2), 0.5), np.zeros((4, 2)), "same number of rows"),
+        (np.full((3, 2), 0.5), np.zeros(3), "inputs must be a 2-D"),
+        (np.array([[0.5, np.nan]]), np.zeros((1, 2)), "finite"),
+        (np.array([[1.1, -0.1]]), np.zeros((1, 2)), "non-negative"),
+    ],
+    ids=["1-d", "one-class", "row-mismatch", "1-d-inputs", "nan", "negative"],
+)
+def test_schemes_validate_shapes_and_values(
+    scheme: HmacSecondClassScheme | NoFingerprintScheme,
+    probabilities: np.ndarray,
+    inputs: np.ndarray,
+    message: str,
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        scheme.apply(probabilities, inputs, KEY)
