@@ -252,6 +252,18 @@ class Stack:
         """The supervised process with this name."""
         return next(s for s in self.services if s.name == name)
 
+    def kill_service(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a service's whole process group (a Celery worker and its pool children)."""
+        process = self.service(name).process
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                process.wait(timeout=30)
+
+    def restart_service(self, name: str) -> None:
+        """Start a stopped service again with the stack's environment."""
+        self.service(name).start(self.child_env())
+
     def stop(self) -> None:
         """Stop the services (front to back: gateway first), then the servers; release the data dir."""
         for service in reversed(self.services):

@@ -28,7 +28,14 @@ def create_celery_app(settings: Settings, main: str = "modelprint") -> Celery:
         task_soft_time_limit=120,
         task_time_limit=180,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.broker_visibility_timeout,
+            # Sweep for messages a dead worker left unacknowledged every few seconds (kombu's default
+            # sweep runs only every ~100 s), so they return to the queue soon after the timeout.
+            "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout // 2)),
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": 5,
+        },
         worker_prefetch_multiplier=4,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,

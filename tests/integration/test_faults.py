@@ -1,0 +1,158 @@
+"""Faults against the real stack: a killed worker, a restarted PostgreSQL or Redis, a stalled worker.
+
+Each test leaves the stack as it found it. The promise under test: an answered query is never lost
+from the audit history and never stored twice.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from shared.names import QUEUE_AUDIT
+from tests.conftest import TEST_PREDICT_TIMEOUT, TEST_VISIBILITY_TIMEOUT, DeployedTestModel, RunningStack, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _answered_rows(running_stack: RunningStack, model: DeployedTestModel, requests: int, rows: int) -> tuple[int, int]:
+    """Send `requests` requests of `rows` rows from a new client; return (client id, rows answered)."""
+    client_id, gateway, _ = running_stack.new_client("fault")
+    answered = 0
+    with gateway:
+        for index in range(requests):
+            batch = model.X[(index * rows) % 500 : (index * rows) % 500 + rows]
+            answer = gateway.predict(model.name, batch.tolist())
+            answered += len(answer["predictions"])
+    return client_id, answered
+
+
+def _stored_ids(running_stack: RunningStack, client_id: int) -> list[tuple[str, int]]:
+    with running_stack.operator() as operator:
+        return [(record["request_id"], record["row_index"]) for record in operator.all_queries(client_id)]
+
+
+def _audit_backlog(running_stack: RunningStack) -> int:
+    client = redis.Redis.from_url(running_stack.stack.redis_url or "")
+    try:
+        return int(client.llen(QUEUE_AUDIT))
+    finally:
+        client.close()
+
+
+def test_killed_audit_worker_loses_and_doubles_nothing(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    stack = running_stack.stack
+    stack.kill_service("audit-worker", signal.SIGKILL)
+    client_id, answered = _answered_rows(running_stack, small_model, requests=60, rows=5)
+    assert answered == 300
+    assert _audit_backlog(running_stack) == 60  # every answered request waits durably in Redis
+    # Start a worker and kill it again while it is consuming, leaving messages unacknowledged.
+    stack.restart_service("audit-worker")
+    wait_until(lambda: _audit_backlog(running_stack) < 60, 30, "the new audit worker to start consuming", 0.01)
+    stack.kill_service("audit-worker", signal.SIGKILL)
+    stack.restart_service("audit-worker")
+    stored = wait_until(
+        lambda: (ids := _stored_ids(running_stack, client_id)) and len(ids) >= 300 and ids,
+        timeout=60,
+        message="all 300 answered rows stored after the worker was killed",
+        interval=0.5,
+    )
+    # Wait two visibility timeouts: any redelivery of a message the killed worker held has happened.
+    time.sleep(2 * TEST_VISIBILITY_TIMEOUT)
+    stored = _stored_ids(running_stack, client_id)
+    assert len(stored) == 300
+    assert len(set(stored)) == 300
+
+
+def test_postgres_restart_delays_but_loses_no_record(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    postgres = running_stack.stack.postgres
+    if postgres is None:
+        pytest.fail("this test restarts the embedded PostgreSQL; unset MODELPRINT_DATABASE_URL to run it")
+    # Warm the inference worker's model cache (answers need no database) and create the client first.
+    _answered_rows(running_stack, small_model, requests=4, rows=1)
+    client_id, gateway, _ = running_stack.new_client("pg-restart")
+    postgres.stop()
+    answered = 0
+    with gateway:
+        for index in range(20):
+            answer = gateway.predict(small_model.name, small_model.X[index * 3 : index * 3 + 3].tolist())
+            answered += len(answer["predictions"])
+    assert answered == 60
+    postgres.start()
+    stored = wait_until(
+        lambda: (ids := _stored_ids(running_stack, client_id)) and len(ids) >= 60 and ids,
+        timeout=90,
+        message="the 60 rows answered while PostgreSQL was down",
+        interval=1.0,
+    )
+    assert len(set(stored)) == len(stored) == 60
+
+
+def test_redis_restart_keeps_queued_audit_messages(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    embedded_redis = running_stack.stack.redis
+    if embedded_redis is None:
+        pytest.fail("this test restarts the embedded Redis; unset MODELPRINT_REDIS_URL to run it")
+    stack = running_stack.stack
+    stack.kill_service("audit-worker", signal.SIGKILL)
+    client_id, answered = _answered_rows(running_stack, small_model, requests=10, rows=4)
+    assert answered == 40
+    embedded_redis.stop()
+    embedded_redis.start()
+    stack.restart_service("audit-worker")
+    stored = wait_until(
+        lambda: (ids := _stored_ids(running_stack, client_id)) and len(ids) >= 40 and ids,
+        timeout=60,
+        message="the 40 rows queued before Redis restarted",
+        interval=0.5,
+    )
+    assert len(set(stored)) == len(stored) == 40
+    # The gateway and the inference worker reconnect by themselves.
+    _, gateway, _ = running_stack.new_client("after-redis")
+    with gateway:
+        answer = wait_until(
+            lambda: _try_predict(gateway, small_model), timeout=60, message="a prediction after Redis restarted"
+        )
+    assert len(answer["predictions"]) == 2
+
+
+def _try_predict(gateway: object, model: DeployedTestModel) -> dict[str, object] | None:
+    try:
+        return gateway.predict(model.name, model.X[:2].tolist())  # type: ignore[attr-defined,no-any-return]
+    except Exception:
+        return None
+
+
+def test_stalled_inference_worker_gives_504_not_a_hang(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    stack = running_stack.stack
+    _, gateway, api_key = running_stack.new_client("stall")
+    stack.kill_service("inference-worker-1", signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        response = httpx.post(
+            f"{running_stack.settings.gateway_url}/v1/models/{small_model.name}/predict",
+            json={"instances": small_model.X[:1].tolist()},
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=30,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        stack.kill_service("inference-worker-1", signal.SIGCONT)
+    assert response.status_code == 504
+    assert "no inference worker answered" in response.json()["error"]
+    assert TEST_PREDICT_TIMEOUT - 0.5 < elapsed < TEST_PREDICT_TIMEOUT + 5
+    with gateway:
+        answer = gateway.predict(small_model.name, small_model.X[:3].tolist())
+    assert np.array(answer["predictions"][0]["probabilities"]).shape == (3,)
