@@ -20,7 +20,7 @@ PLACEHOLDER_SECRETS = frozenset(
 )
 
 
-class SecretsError(RuntimeError):
+class SecretsError(ValueError):
     """A secret is missing, too weak for production, or unreadable."""
 
 

@@ -1,0 +1,62 @@
+"""The gateway's input validation, as pure functions (no servers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.gateway.service import parse_json, rows_to_array, v2_inputs_to_array
+from shared.http import ApiError
+from shared.schemas import DeployedModel
+
+MODEL = DeployedModel(name="m", version=1, n_features=3, classes=["a", "b"], sha256="0" * 64)
+
+
+def test_valid_rows_become_float64() -> None:
+    array = rows_to_array([[1, 2.5, -3], [0, 0, 0]], MODEL, max_rows=10)
+    assert array.dtype == np.float64
+    assert array.shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("instances", "status", "fragment"),
+    [
+        ([], 422, "empty"),
+        ([[1, 2]], 422, "expects 3"),
+        ([[1, 2, 3], [1, 2, 3, 4]], 422, "row 1 has 4"),
+        ([[1, 2, "3"]], 422, "not a number"),
+        ([[1, 2, False]], 422, "not a number"),
+        ([[1, 2, None]], 422, "not a number"),
+        ([[1, 2, float("nan")]], 422, "NaN"),
+        ([[1, 2, 3], [1, 2, float("inf")]], 422, "row 1"),
+        ([[1, 2, 3]] * 11, 413, "limit of 10 rows"),
+        ({"a": 1}, 422, "list of rows"),
+        ([1, 2, 3], 422, "row 0 is not a list"),
+    ],
+)
+def test_invalid_rows(instances: object, status: int, fragment: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        rows_to_array(instances, MODEL, max_rows=10)
+    assert caught.value.status_code == status
+    assert fragment in caught.value.message
+
+
+def test_v2_flat_and_nested_data() -> None:
+    tensor = {"name": "x", "shape": [2, 3], "datatype": "FP64"}
+    flat = v2_inputs_to_array({"inputs": [{**tensor, "data": [1, 2, 3, 4, 5, 6]}]}, MODEL, 10)
+    nested = v2_inputs_to_array({"inputs": [{**tensor, "data": [[1, 2, 3], [4, 5, 6]]}]}, MODEL, 10)
+    np.testing.assert_array_equal(flat, nested)
+
+
+def test_v2_fp32_rounds_to_float32() -> None:
+    body = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [0.1, 0.2, 0.3]}]}
+    array = v2_inputs_to_array(body, MODEL, 10)
+    np.testing.assert_array_equal(array, np.array([[0.1, 0.2, 0.3]], dtype=np.float32).astype(np.float64))
+
+
+def test_parse_json_refuses_nan_and_garbage() -> None:
+    with pytest.raises(ApiError, match="not valid JSON"):
+        parse_json(b'{"instances": [[NaN]]}')
+    with pytest.raises(ApiError, match="empty request body"):
+        parse_json(b"")
+    assert parse_json(b'{"instances": [[1]]}') == {"instances": [[1]]}
