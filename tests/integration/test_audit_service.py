@@ -1,0 +1,66 @@
+"""Auditor service functions called directly against the real PostgreSQL and Redis of the test stack."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import redis
+
+from services.auditor import service
+from shared.db import session_scope
+from shared.names import REDIS_API_KEYS, REDIS_MODELS
+from shared.schemas import QueryBatch
+from tests.conftest import DeployedTestModel, RunningStack
+
+pytestmark = pytest.mark.integration
+
+
+def _batch(client_id: int, rows: int) -> QueryBatch:
+    return QueryBatch(
+        request_id=uuid.uuid4().hex,
+        client_id=client_id,
+        model="small-mlp",
+        version=1,
+        scheme="hmac-second-class",
+        key_id="k1",
+        answered_at=datetime.now(UTC),
+        inputs=[[float(i)] * 6 for i in range(rows)],
+        probabilities=[[0.2, 0.3, 0.5]] * rows,
+        label_indices=[2] * rows,
+        labels=["mid"] * rows,
+    )
+
+
+def test_storing_a_batch_twice_inserts_it_once(running_stack: RunningStack) -> None:
+    client_id, _, _ = running_stack.new_client("idempotent")
+    batch = _batch(client_id, rows=7)
+    database_url = running_stack.stack.database_url or ""
+    with session_scope(database_url) as session:
+        assert service.store_query_batch(session, batch) == 7
+    with session_scope(database_url) as session:
+        assert service.store_query_batch(session, batch) == 0
+        assert service.count_queries(session, client_id) == 7
+
+
+def test_registry_sync_repairs_a_wiped_redis(running_stack: RunningStack, small_model: DeployedTestModel) -> None:
+    client_id, gateway, _ = running_stack.new_client("resync")
+    client = redis.Redis.from_url(running_stack.stack.redis_url or "")
+    try:
+        client.delete(REDIS_API_KEYS, REDIS_MODELS)
+        refused = gateway.http.post(f"/v1/models/{small_model.name}/predict", json={"instances": []})
+        assert refused.status_code == 401
+        with session_scope(running_stack.stack.database_url or "") as session:
+            keys, models = service.sync_registry(session, client)
+        assert keys >= 1
+        assert models >= 1
+        with gateway:
+            answer = gateway.predict(small_model.name, small_model.X[:1].tolist())
+        assert answer["model"] == small_model.name
+        with session_scope(running_stack.stack.database_url or "") as session:
+            service.set_client_disabled(session, client, client_id, disabled=True)
+            keys_after, _ = service.sync_registry(session, client)
+        assert keys_after == keys - 1
+    finally:
+        client.close()
