@@ -1,4 +1,4 @@
-"""`modelprint demo`: bring the stack up, deploy the paper's ECG model, and show a fingerprinted prediction."""
+"""`modelprint demo`: bring the stack up, deploy the paper's ECG model, show a fingerprinted prediction."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
     from modelprint.training import save_model, save_reference_data, train_ecg_model
 
     started = time.monotonic()
-    _say("1/5", f"starting modelprint on {settings.data_dir} (embedded Redis and PostgreSQL unless configured)")
+    _say(
+        "1/5", f"starting modelprint on {settings.data_dir} (embedded Redis and PostgreSQL unless configured)"
+    )
     with running_stack(settings, keep_running):
         secrets = load_secrets(settings)
         _say("2/5", "training the paper's model: synthetic ECG (1,200 x 80, 4 rhythms), MLP (64, 32)")
@@ -94,7 +96,8 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
             if stored:
                 record = stored[0]
                 print(
-                    f"      first record: request {str(record['request_id'])[:12]}..., label {record['label']}, "
+                    f"      first record: request {str(record['request_id'])[:12]}..., "
+                    f"label {record['label']}, "
                     f"scheme {record['scheme']}, key id {record['key_id']} (never the key)"
                 )
     _say("done", f"demo finished in {time.monotonic() - started:.0f} s")

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +113,15 @@ class EmbeddedRedis:
             self.process = None
 
 
+def _postgres_bin_path() -> Path:
+    with warnings.catch_warnings():
+        # pgserver's import asks platformdirs for a runtime dir it never needs here.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH)
+
+
 @dataclass
 class EmbeddedPostgres:
     """A PostgreSQL 16 server from pgserver's binaries, listening on 127.0.0.1 only."""
@@ -126,15 +136,13 @@ class EmbeddedPostgres:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{self.database}"
 
     def _bin(self, name: str) -> str:
-        from pgserver._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
-
-        return str(POSTGRES_BIN_PATH / name)
+        return str(_postgres_bin_path() / name)
 
     def _run_as(self) -> dict[str, object]:
         # PostgreSQL refuses to run as root; as root, run it as a dedicated system user as pgserver does.
         if os.geteuid() != 0:
             return {}
-        from pgserver._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
+        bin_path = _postgres_bin_path()
         from pgserver.utils import (  # noqa: PLC0415
             ensure_folder_permissions,
             ensure_prefix_permissions,
@@ -144,9 +152,9 @@ class EmbeddedPostgres:
         entry = ensure_user_exists(POSTGRES_SYSTEM_USER)
         assert entry is not None
         ensure_prefix_permissions(self.data_dir)
-        ensure_prefix_permissions(POSTGRES_BIN_PATH)
-        ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
-        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
+        ensure_prefix_permissions(bin_path)
+        ensure_folder_permissions(bin_path, 0o055)
+        ensure_folder_permissions(bin_path.parent / "lib", 0o044)
         for path in (self.data_dir, *self.data_dir.rglob("*")):
             os.chown(path, entry.pw_uid, entry.pw_gid)
         return {"user": entry.pw_uid, "group": entry.pw_gid}

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-
 # scikit-learn types skops does not trust by default but which only hold arrays and numbers: the
 # optimiser state a fitted MLPClassifier keeps. Reviewed by hand; extend with care.
 EXTRA_TRUSTED_TYPES = frozenset(
@@ -47,6 +46,8 @@ def load_model_bytes(data: bytes) -> Any:
     """Load a skops artifact, refusing any type skops does not trust by default."""
     import skops.io as sio
 
+    if not data:
+        raise ModelFileError("empty model file")
     try:
         found = set(sio.get_untrusted_types(data=data))
     except Exception as exc:  # skops raises many kinds on malformed input
@@ -54,9 +55,10 @@ def load_model_bytes(data: bytes) -> Any:
     untrusted = found - EXTRA_TRUSTED_TYPES
     if untrusted:
         raise UntrustedModelError(
-            "the model file contains types that are not trusted scikit-learn/numpy types: "
+            "the model file contains types that are not trusted: "
             + ", ".join(sorted(untrusted))
-            + "; save a plain scikit-learn estimator or pipeline with skops.io.dump"
+            + "; only scikit-learn/numpy types are accepted (save a plain estimator or pipeline "
+            "with skops.io.dump)"
         )
     try:
         return sio.loads(data, trusted=sorted(found & EXTRA_TRUSTED_TYPES))

@@ -1,6 +1,5 @@
 """Operator API (port 8001): clients and keys, models, query histories. Bearer <admin token> on /v1."""
 
-
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager

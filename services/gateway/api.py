@@ -1,6 +1,5 @@
 """Public prediction API (port 8000): modelprint's /v1 format and the Open Inference Protocol (/v2)."""
 
-
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
