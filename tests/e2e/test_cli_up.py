@@ -60,7 +60,9 @@ def test_up_runs_refuses_a_second_instance_stops_cleanly_and_keeps_data(tmp_path
     log = tmp_path / "up.log"
     up = _start_up(env, log)
     try:
-        wait_until(lambda: "modelprint is up" in log.read_text(), 120, "modelprint up to report it is up", 0.2)
+        wait_until(
+            lambda: "modelprint is up" in log.read_text(), 120, "modelprint up to report it is up", 0.2
+        )
         assert _ready(f"http://127.0.0.1:{gateway_port}/v2/health/ready")
         assert "generated an admin token" in log.read_text()
 
@@ -81,7 +83,9 @@ def test_up_runs_refuses_a_second_instance_stops_cleanly_and_keeps_data(tmp_path
         assert "is `modelprint up` running?" in refused.stderr
 
         up = _start_up(env, log)
-        wait_until(lambda: log.read_text().count("modelprint is up") == 2, 120, "the restart to report up", 0.2)
+        wait_until(
+            lambda: log.read_text().count("modelprint is up") == 2, 120, "the restart to report up", 0.2
+        )
         listed = _cli(env, "clients", "list")
         assert listed.returncode == 0, listed.stderr
         assert client["id"] in [entry["id"] for entry in json.loads(listed.stdout)]

@@ -134,7 +134,9 @@ def test_query_history_pages(running_stack: RunningStack, small_model: DeployedT
         too_big = operator.http.get(f"/v1/clients/{client_id}/queries", params={"limit": 100000})
     assert [len(page["queries"]) for page in (first, second, third)] == [10, 10, 5]
     assert third["next_after_id"] is None
-    assert [q["row_index"] for q in first["queries"] + second["queries"] + third["queries"]] == list(range(25))
+    assert [q["row_index"] for q in first["queries"] + second["queries"] + third["queries"]] == list(
+        range(25)
+    )
     assert too_big.status_code == 422
 
 
@@ -163,7 +165,9 @@ def test_secrets_never_appear_in_logs_or_responses(
         api_key,
         *(key.decode() for key in running_stack.secrets.fingerprint_keys.values()),
     ]
-    logs = "\n".join(path.read_text(errors="replace") for path in (running_stack.data_dir / "logs").glob("*.log"))
+    logs = "\n".join(
+        path.read_text(errors="replace") for path in (running_stack.data_dir / "logs").glob("*.log")
+    )
     assert logs, "the services wrote no logs at all"
     for secret in secrets:
         assert secret not in logs

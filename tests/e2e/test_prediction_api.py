@@ -108,7 +108,9 @@ def test_every_answered_row_reaches_postgresql(
     ]
 
 
-def test_auth_missing_wrong_and_disabled_keys(running_stack: RunningStack, small_model: DeployedTestModel) -> None:
+def test_auth_missing_wrong_and_disabled_keys(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
     client_id, gateway, _ = running_stack.new_client()
     url = f"{running_stack.settings.gateway_url}/v1/models/{small_model.name}/predict"
     body = {"instances": small_model.X[:1].tolist()}
@@ -152,7 +154,9 @@ def test_bad_v1_input_is_refused_and_nothing_is_recorded(
     client_id, gateway, _ = running_stack.new_client("bad-input")
     with gateway:
         response = gateway.http.post(
-            f"/v1/models/{small_model.name}/predict", content=body, headers={"Content-Type": "application/json"}
+            f"/v1/models/{small_model.name}/predict",
+            content=body,
+            headers={"Content-Type": "application/json"},
         )
         assert response.status_code == status, response.text
         assert fragment in response.json()["error"]
@@ -186,10 +190,18 @@ def test_unknown_model_and_size_limits(running_stack: RunningStack, small_model:
 
 
 BAD_V2_BODIES = [
-    pytest.param({"inputs": [{"name": "x", "shape": [1, 6], "datatype": "INT64", "data": [1] * 6}]}, "FP32 or FP64"),
-    pytest.param({"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP64", "data": [1.0] * 5}]}, "expects 6"),
-    pytest.param({"inputs": [{"name": "x", "shape": [2, 6], "datatype": "FP64", "data": [1.0] * 6}]}, "needs 12"),
-    pytest.param({"inputs": [{"name": "x", "shape": [6], "datatype": "FP64", "data": [1.0] * 6}]}, "shape must be"),
+    pytest.param(
+        {"inputs": [{"name": "x", "shape": [1, 6], "datatype": "INT64", "data": [1] * 6}]}, "FP32 or FP64"
+    ),
+    pytest.param(
+        {"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP64", "data": [1.0] * 5}]}, "expects 6"
+    ),
+    pytest.param(
+        {"inputs": [{"name": "x", "shape": [2, 6], "datatype": "FP64", "data": [1.0] * 6}]}, "needs 12"
+    ),
+    pytest.param(
+        {"inputs": [{"name": "x", "shape": [6], "datatype": "FP64", "data": [1.0] * 6}]}, "shape must be"
+    ),
     pytest.param({"inputs": [{"name": "x", "shape": [0, 6], "datatype": "FP64", "data": []}]}, "0 rows"),
     pytest.param({"inputs": []}, "exactly one input"),
     pytest.param({"instances": [[1.0] * 6]}, "'inputs' list"),

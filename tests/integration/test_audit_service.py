@@ -44,7 +44,9 @@ def test_storing_a_batch_twice_inserts_it_once(running_stack: RunningStack) -> N
         assert service.count_queries(session, client_id) == 7
 
 
-def test_registry_sync_repairs_a_wiped_redis(running_stack: RunningStack, small_model: DeployedTestModel) -> None:
+def test_registry_sync_repairs_a_wiped_redis(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
     client_id, gateway, _ = running_stack.new_client("resync")
     client = redis.Redis.from_url(running_stack.stack.redis_url or "")
     try:

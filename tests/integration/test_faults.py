@@ -15,12 +15,20 @@ import pytest
 import redis
 
 from shared.names import QUEUE_AUDIT
-from tests.conftest import TEST_PREDICT_TIMEOUT, TEST_VISIBILITY_TIMEOUT, DeployedTestModel, RunningStack, wait_until
+from tests.conftest import (
+    TEST_PREDICT_TIMEOUT,
+    TEST_VISIBILITY_TIMEOUT,
+    DeployedTestModel,
+    RunningStack,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
 
-def _answered_rows(running_stack: RunningStack, model: DeployedTestModel, requests: int, rows: int) -> tuple[int, int]:
+def _answered_rows(
+    running_stack: RunningStack, model: DeployedTestModel, requests: int, rows: int
+) -> tuple[int, int]:
     """Send `requests` requests of `rows` rows from a new client; return (client id, rows answered)."""
     client_id, gateway, _ = running_stack.new_client("fault")
     answered = 0
@@ -55,7 +63,9 @@ def test_killed_audit_worker_loses_and_doubles_nothing(
     assert _audit_backlog(running_stack) == 60  # every answered request waits durably in Redis
     # Start a worker and kill it again while it is consuming, leaving messages unacknowledged.
     stack.restart_service("audit-worker")
-    wait_until(lambda: _audit_backlog(running_stack) < 60, 30, "the new audit worker to start consuming", 0.01)
+    wait_until(
+        lambda: _audit_backlog(running_stack) < 60, 30, "the new audit worker to start consuming", 0.01
+    )
     stack.kill_service("audit-worker", signal.SIGKILL)
     stack.restart_service("audit-worker")
     stored = wait_until(
@@ -121,7 +131,9 @@ def test_redis_restart_keeps_queued_audit_messages(
     _, gateway, _ = running_stack.new_client("after-redis")
     with gateway:
         answer = wait_until(
-            lambda: _try_predict(gateway, small_model), timeout=60, message="a prediction after Redis restarted"
+            lambda: _try_predict(gateway, small_model),
+            timeout=60,
+            message="a prediction after Redis restarted",
         )
     assert len(answer["predictions"]) == 2
 
