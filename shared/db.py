@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Engine
@@ -94,6 +96,7 @@ class QueryRecord(Base):
     __tablename__ = "query_records"
     __table_args__ = (
         UniqueConstraint("request_id", "row_index", name="uq_query_records_request_id_row_index"),
+        UniqueConstraint("client_id", "seq", name="uq_query_records_client_id_seq"),
         Index("ix_query_records_client_id_answered_at", "client_id", "answered_at"),
         Index("ix_query_records_client_id_id", "client_id", "id"),
     )
@@ -112,6 +115,105 @@ class QueryRecord(Base):
     probabilities: Mapped[list[float]] = mapped_column(ARRAY(Float(precision=53)))
     label_index: Mapped[int] = mapped_column(Integer)
     label: Mapped[str] = mapped_column(Text)
+    # Position in the client's hash chain and the chain links (see shared/chain.py).
+    seq: Mapped[int] = mapped_column(BigInteger)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    record_hash: Mapped[str] = mapped_column(String(64))
+
+
+class ClientChain(Base):
+    """The head of a client's hash chain; appends lock this row, so the chain is strictly ordered."""
+
+    __tablename__ = "client_chains"
+
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id"), primary_key=True)
+    length: Mapped[int] = mapped_column(BigInteger, default=0)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class SuspicionState(Base):
+    """One detector's incremental state and latest result for a client's queries to one model."""
+
+    __tablename__ = "suspicion_states"
+
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id"), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    detector: Mapped[str] = mapped_column(String(50), primary_key=True)
+    state: Mapped[bytes | None] = mapped_column(LargeBinary)
+    last_record_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    queries_seen: Mapped[int] = mapped_column(BigInteger, default=0)
+    score: Mapped[float] = mapped_column(Float(precision=53))
+    threshold: Mapped[float] = mapped_column(Float(precision=53))
+    alarm: Mapped[bool] = mapped_column(Boolean, default=False)
+    explanation: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Alert(Base):
+    """Something an operator should look at; repeats of an open alert are merged into it."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        # At most one open alert per kind and subject: repeats update it instead of piling up.
+        Index(
+            "uq_alerts_open_subject",
+            "kind",
+            "subject_type",
+            "subject_id",
+            unique=True,
+            postgresql_where=text("acknowledged_at IS NULL"),
+        ),
+        Index("ix_alerts_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(50))
+    severity: Mapped[str] = mapped_column(String(20))
+    subject_type: Mapped[str] = mapped_column(String(20))
+    subject_id: Mapped[str] = mapped_column(String(100))
+    message: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    occurrences: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Webhook(Base):
+    """An operator's URL that receives every alert as signed JSON."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    # Needed in clear to sign deliveries; shown to the operator once, never returned again.
+    signing_secret: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str] = mapped_column(String(200), default="")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class WebhookDelivery(Base):
+    """One alert's delivery to one webhook, with its retry state."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("alert_id", "webhook_id", "alert_version", name="uq_webhook_deliveries_key"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"))
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    alert_version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 @lru_cache(maxsize=8)

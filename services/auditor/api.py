@@ -3,12 +3,15 @@
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from dataclasses import asdict
+from typing import Annotated, Literal
+
+import orjson
 
 import redis
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -16,6 +19,7 @@ from sqlalchemy.orm import Session
 from services.auditor import service
 from services.auditor.config import AuditorSettings
 from services.auditor.schemas import (
+    ChainVerificationOut,
     ClientCreate,
     ClientCreated,
     ClientOut,
@@ -197,6 +201,34 @@ def create_app(settings: AuditorSettings | None = None) -> FastAPI:
             ],
             next_after_id=records[-1].id if len(records) == limit else None,
         )
+
+    @app.get("/v1/clients/{client_id}/history/verify", dependencies=admin)
+    def verify_history(client_id: int, session: SessionDep) -> ChainVerificationOut:
+        _client_or_404(session, client_id)
+        return ChainVerificationOut(**asdict(service.verify_chain(session, client_id)))
+
+    @app.get("/v1/clients/{client_id}/queries/export", dependencies=admin)
+    def export_queries(
+        client_id: int,
+        session: SessionDep,
+        format: Annotated[Literal["jsonl", "npz"], Query(description="jsonl (streamed) or npz")] = "jsonl",
+    ) -> Response:
+        _client_or_404(session, client_id)
+        filename = f"client-{client_id}-queries.{format}"
+        headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
+        if format == "npz":
+            with sessions() as export_session:
+                content = service.export_npz(export_session, client_id)
+            return Response(content, media_type="application/octet-stream", headers=headers)
+        return StreamingResponse(
+            _jsonl_lines(client_id), media_type="application/x-ndjson", headers=headers
+        )
+
+    def _jsonl_lines(client_id: int) -> Iterator[bytes]:
+        # A session of its own: the request's session is closed once the response starts streaming.
+        with sessions() as export_session:
+            for record in service.iter_queries(export_session, client_id):
+                yield orjson.dumps(service.record_export(record)) + b"\n"
 
     @app.post("/v1/models", status_code=201, dependencies=admin)
     async def deploy_model(

@@ -63,3 +63,15 @@ class QueryPage(BaseModel):
     client_id: int
     queries: list[QueryRecordOut]
     next_after_id: int | None = Field(description="Pass as after_id to get the next page; null at the end")
+
+
+class ChainVerificationOut(BaseModel):
+    client_id: int
+    ok: bool = Field(description="True when every record links to the one before and none was altered")
+    records_checked: int
+    stored_length: int
+    head_hash: str = Field(description="The recomputed head of the chain (up to the first broken link)")
+    stored_head_hash: str
+    first_broken_seq: int | None
+    first_broken_record_id: int | None
+    reason: str | None

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
+import numpy as np
 import redis
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from shared.db import Client, Model, ModelVersion, QueryRecord
+from shared.chain import GENESIS_HASH, link_records, record_hash
+from shared.db import Client, ClientChain, Model, ModelVersion, QueryRecord
 from shared.modelfile import describe_classifier, load_model_bytes, load_reference_data
 from shared.registry import publish_api_key, publish_model, replace_registry, revoke_api_key
 from shared.schemas import ClientIdentity, DeployedModel, QueryBatch
@@ -135,18 +140,130 @@ def get_model(session: Session, name: str) -> Model:
     return model
 
 
+QUERY_RECORD_COLUMNS = (
+    "request_id",
+    "row_index",
+    "client_id",
+    "model_name",
+    "model_version",
+    "scheme",
+    "key_id",
+    "answered_at",
+    "input",
+    "probabilities",
+    "label_index",
+    "label",
+    "seq",
+    "prev_hash",
+    "record_hash",
+)
+
+
+def lock_chain(session: Session, client_id: int) -> ClientChain:
+    """The client's chain head, locked until the transaction ends (appends are strictly ordered)."""
+    session.execute(
+        insert(ClientChain)
+        .values(client_id=client_id, length=0, head_hash=GENESIS_HASH)
+        .on_conflict_do_nothing(index_elements=["client_id"])
+    )
+    return session.execute(
+        select(ClientChain).where(ClientChain.client_id == client_id).with_for_update()
+    ).scalar_one()
+
+
 def store_query_batch(session: Session, batch: QueryBatch) -> int:
-    """Insert a request's rows in one statement; rows already stored are skipped (idempotent)."""
-    rows = batch.rows()
+    """Append a request's rows to the client's hash chain with one COPY; redelivered rows are skipped."""
+    chain = lock_chain(session, batch.client_id)
+    # Under the chain lock, a concurrent redelivery of the same batch sees these rows once committed.
+    already = set(
+        session.scalars(select(QueryRecord.row_index).where(QueryRecord.request_id == batch.request_id))
+    )
+    rows = [row for row in batch.rows() if row["row_index"] not in already]
     if not rows:
         return 0
+    chain.head_hash = link_records(chain.head_hash, chain.length + 1, rows)
+    chain.length += len(rows)
+    copy_rows(session, rows)
+    session.flush()
+    return len(rows)
+
+
+def copy_rows(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Bulk-insert query records with PostgreSQL COPY inside the session's transaction."""
+    connection = session.connection().connection.driver_connection
+    assert connection is not None
+    columns = ", ".join(QUERY_RECORD_COLUMNS)
+    with connection.cursor() as cursor, cursor.copy(f"COPY query_records ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([row[column] for column in QUERY_RECORD_COLUMNS])
+
+
+@dataclass(frozen=True)
+class ChainVerification:
+    """The outcome of recomputing a client's hash chain."""
+
+    client_id: int
+    ok: bool
+    records_checked: int
+    stored_length: int
+    head_hash: str
+    stored_head_hash: str
+    first_broken_seq: int | None
+    first_broken_record_id: int | None
+    reason: str | None
+
+
+def verify_chain(session: Session, client_id: int, chunk_size: int = 5000) -> ChainVerification:
+    """Recompute every link of a client's chain; report the first broken one, if any."""
+    get_client(session, client_id)
+    chain = session.get(ClientChain, client_id)
+    stored_length = chain.length if chain else 0
+    stored_head = chain.head_hash if chain else GENESIS_HASH
+    expected_prev = GENESIS_HASH
+    expected_seq = 1
+    checked = 0
     statement = (
-        insert(QueryRecord)
-        .values(rows)
-        .on_conflict_do_nothing(constraint="uq_query_records_request_id_row_index")
-        .returning(QueryRecord.id)
+        select(QueryRecord)
+        .where(QueryRecord.client_id == client_id)
+        .order_by(QueryRecord.seq)
+        .execution_options(yield_per=chunk_size)
     )
-    return len(session.execute(statement).all())
+
+    def broken(record: QueryRecord | None, reason: str) -> ChainVerification:
+        return ChainVerification(
+            client_id,
+            False,
+            checked,
+            stored_length,
+            expected_prev,
+            stored_head,
+            record.seq if record is not None else expected_seq,
+            record.id if record is not None else None,
+            reason,
+        )
+
+    for record in session.scalars(statement):
+        values = {column: getattr(record, column) for column in QUERY_RECORD_COLUMNS if column != "client_id"}
+        values["client_id"] = record.client_id
+        if record.seq != expected_seq:
+            return broken(
+                record, f"expected record #{expected_seq} but found #{record.seq} (a record is missing)"
+            )
+        if record.prev_hash != expected_prev:
+            return broken(record, f"record #{record.seq} does not link to the record before it")
+        if record_hash(expected_prev, values) != record.record_hash:
+            return broken(record, f"record #{record.seq} (id {record.id}) was modified after it was stored")
+        expected_prev = record.record_hash
+        expected_seq += 1
+        checked += 1
+    session.expunge_all()
+    if checked != stored_length or expected_prev != stored_head:
+        return broken(
+            None, f"the chain head says {stored_length} records but {checked} were found (records deleted)"
+        )
+    return ChainVerification(
+        client_id, True, checked, stored_length, expected_prev, stored_head, None, None, None
+    )
 
 
 def list_queries(session: Session, client_id: int, after_id: int, limit: int) -> list[QueryRecord]:
@@ -160,6 +277,71 @@ def list_queries(session: Session, client_id: int, after_id: int, limit: int) ->
             .limit(limit)
         )
     )
+
+
+def iter_queries(session: Session, client_id: int, chunk_size: int = 5000) -> Iterator[QueryRecord]:
+    """Every record of a client in chain order, fetched in chunks (constant memory)."""
+    statement = (
+        select(QueryRecord)
+        .where(QueryRecord.client_id == client_id)
+        .order_by(QueryRecord.seq)
+        .execution_options(yield_per=chunk_size)
+    )
+    yield from session.scalars(statement)
+
+
+def record_export(record: QueryRecord) -> dict[str, Any]:
+    """A record as exported: everything needed to re-verify its chain link offline."""
+    return {
+        "id": record.id,
+        "seq": record.seq,
+        "client_id": record.client_id,
+        "request_id": record.request_id,
+        "row_index": record.row_index,
+        "model_name": record.model_name,
+        "model_version": record.model_version,
+        "scheme": record.scheme,
+        "key_id": record.key_id,
+        "answered_at": record.answered_at.isoformat(),
+        "input": record.input,
+        "probabilities": record.probabilities,
+        "label_index": record.label_index,
+        "label": record.label,
+        "prev_hash": record.prev_hash,
+        "record_hash": record.record_hash,
+    }
+
+
+def export_npz(session: Session, client_id: int) -> bytes:
+    """A client's history as an .npz of arrays (inputs, probabilities, labels, ids, hashes), no pickle."""
+    records = [record_export(record) for record in iter_queries(session, client_id)]
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        id=np.array([r["id"] for r in records], dtype=np.int64),
+        seq=np.array([r["seq"] for r in records], dtype=np.int64),
+        request_id=np.array([r["request_id"] for r in records], dtype=str),
+        row_index=np.array([r["row_index"] for r in records], dtype=np.int64),
+        model_name=np.array([r["model_name"] for r in records], dtype=str),
+        model_version=np.array([r["model_version"] for r in records], dtype=np.int64),
+        key_id=np.array([r["key_id"] for r in records], dtype=str),
+        answered_at=np.array([r["answered_at"] for r in records], dtype=str),
+        inputs=_ragged_to_matrix([r["input"] for r in records]),
+        probabilities=_ragged_to_matrix([r["probabilities"] for r in records]),
+        label_index=np.array([r["label_index"] for r in records], dtype=np.int64),
+        label=np.array([r["label"] for r in records], dtype=str),
+        record_hash=np.array([r["record_hash"] for r in records], dtype=str),
+    )
+    return buffer.getvalue()
+
+
+def _ragged_to_matrix(rows: list[list[float]]) -> np.ndarray:
+    # Rows of different models can differ in width; pad with NaN so the archive stays one array.
+    width = max((len(row) for row in rows), default=0)
+    matrix = np.full((len(rows), width), np.nan)
+    for index, row in enumerate(rows):
+        matrix[index, : len(row)] = row
+    return matrix
 
 
 def count_queries(session: Session, client_id: int) -> int:

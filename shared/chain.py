@@ -1,0 +1,81 @@
+"""The hash chain over a client's query history: any edit, deletion or reordering breaks it.
+
+Each stored record carries `record_hash = SHA-256(prev_hash || canonical(record))`, where `prev_hash`
+is the previous record's hash in the same client's chain (32 zero bytes for the first). The
+canonical form is binary and exact, so anyone can recompute it from a database export:
+
+    b"modelprint.chain.v1\\x00"
+    u32 length + UTF-8 JSON of [client_id, seq, request_id, row_index, model, model_version,
+                               scheme, key_id, answered_at (UTC ISO-8601, microseconds),
+                               label_index, label]   (compact separators)
+    u32 count + the input row as float64 little-endian
+    u32 count + the returned probabilities as float64 little-endian
+
+(all u32 little-endian). Floats are hashed by their exact bits, so a stored value cannot be
+"rounded" without breaking the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+CHAIN_TAG = b"modelprint.chain.v1\x00"
+GENESIS_HASH = "0" * 64
+
+
+def _timestamp(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _floats(values: Any) -> bytes:
+    array = np.ascontiguousarray(values, dtype="<f8")
+    return struct.pack("<I", array.size) + array.tobytes()
+
+
+def canonical_record(record: Mapping[str, Any]) -> bytes:
+    """The exact bytes a record's hash covers (besides the previous hash)."""
+    header = json.dumps(
+        [
+            record["client_id"],
+            record["seq"],
+            record["request_id"],
+            record["row_index"],
+            record["model_name"],
+            record["model_version"],
+            record["scheme"],
+            record["key_id"],
+            _timestamp(record["answered_at"]),
+            record["label_index"],
+            record["label"],
+        ],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode("utf-8")
+    return (
+        CHAIN_TAG
+        + struct.pack("<I", len(header))
+        + header
+        + _floats(record["input"])
+        + _floats(record["probabilities"])
+    )
+
+
+def record_hash(prev_hash: str, record: Mapping[str, Any]) -> str:
+    """The hash of a record linked after `prev_hash`."""
+    return hashlib.sha256(bytes.fromhex(prev_hash) + canonical_record(record)).hexdigest()
+
+
+def link_records(prev_hash: str, first_seq: int, records: list[dict[str, Any]]) -> str:
+    """Assign seq, prev_hash and record_hash to records in order; return the new head hash."""
+    for offset, record in enumerate(records):
+        record["seq"] = first_seq + offset
+        record["prev_hash"] = prev_hash
+        prev_hash = record["record_hash"] = record_hash(prev_hash, record)
+    return prev_hash
