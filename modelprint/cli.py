@@ -110,7 +110,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
         queue, default_concurrency = QUEUE_INFERENCE, inference_settings.inference_concurrency
     else:
-        from services.auditor.tasks import app  # type: ignore[no-redef]
+        from services.auditor.tasks import app
         from services.auditor.tasks import settings as auditor_settings
 
         queue, default_concurrency = QUEUE_AUDIT, auditor_settings.audit_concurrency
@@ -213,9 +213,82 @@ def cmd_clients_disable(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_clients_suspicion(args: argparse.Namespace, settings: Settings) -> int:
+    with _operator(settings) as operator:
+        _print_json(operator.suspicion(args.id))
+    return 0
+
+
 def cmd_clients_queries(args: argparse.Namespace, settings: Settings) -> int:
     with _operator(settings) as operator:
         _print_json(operator.queries(args.id, after_id=args.after_id, limit=args.limit))
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    with _operator(settings) as operator:
+        client_ids = [args.client] if args.client is not None else [c["id"] for c in operator.list_clients()]
+        broken = 0
+        for client_id in client_ids:
+            result = operator.verify_history(client_id)
+            if result["ok"]:
+                print(
+                    f"client {client_id}: OK, {result['records_checked']} records, head {result['head_hash']}"
+                )
+            else:
+                broken += 1
+                print(
+                    f"client {client_id}: BROKEN at record #{result['first_broken_seq']} "
+                    f"(id {result['first_broken_record_id']}): {result['reason']}"
+                )
+    return 1 if broken else 0
+
+
+def cmd_alerts_list(args: argparse.Namespace, settings: Settings) -> int:
+    with _operator(settings) as operator:
+        for alert in operator.list_alerts(status=args.status):
+            print(_alert_line(alert))
+    return 0
+
+
+def cmd_alerts_ack(args: argparse.Namespace, settings: Settings) -> int:
+    with _operator(settings) as operator:
+        print(_alert_line(operator.acknowledge_alert(args.id)))
+    return 0
+
+
+def cmd_alerts_watch(_: argparse.Namespace, settings: Settings) -> int:
+    print("watching alerts (Ctrl-C to stop) ...", file=sys.stderr, flush=True)
+    with _operator(settings) as operator:
+        for event, alert in operator.watch_alerts():
+            print(f"{event:<20}{_alert_line(alert)}", flush=True)
+    return 0
+
+
+def _alert_line(alert: dict[str, Any]) -> str:
+    subject = f"{alert['subject']['type']} {alert['subject']['id']}"
+    return (
+        f"#{alert['id']} [{alert['severity']}] {alert['kind']} ({subject}, x{alert['occurrences']}, "
+        f"{alert['status']}) {alert['message']}"
+    )
+
+
+def cmd_webhooks_add(args: argparse.Namespace, settings: Settings) -> int:
+    with _operator(settings) as operator:
+        _print_json(operator.create_webhook(args.url, args.description))
+    print("store the signing_secret now: it is not shown again", file=sys.stderr)
+    return 0
+
+
+def cmd_webhooks_list(_: argparse.Namespace, settings: Settings) -> int:
+    with _operator(settings) as operator:
+        _print_json(operator.list_webhooks())
+    return 0
+
+
+def cmd_webhooks_remove(args: argparse.Namespace, settings: Settings) -> int:
+    with _operator(settings) as operator:
+        _print_json(operator.deactivate_webhook(args.id))
     return 0
 
 
@@ -292,6 +365,41 @@ def build_parser() -> argparse.ArgumentParser:
     queries.add_argument("--after-id", type=int, default=0)
     queries.add_argument("--limit", type=int, default=20)
     queries.set_defaults(handler=cmd_clients_queries)
+    suspicion = clients.add_parser("suspicion", help="show a client's extraction-suspicion scores")
+    suspicion.add_argument("id", type=int)
+    suspicion.set_defaults(handler=cmd_clients_suspicion)
+
+    audit = commands.add_parser("audit", help="verify the hash-chained query histories").add_subparsers(
+        dest="audit_command", required=True
+    )
+    verify = audit.add_parser("verify", help="recompute every client's chain (or one) and report breaks")
+    verify.add_argument("--client", type=int, default=None)
+    verify.set_defaults(handler=cmd_audit_verify)
+
+    alert_commands = commands.add_parser("alerts", help="list, acknowledge and watch alerts").add_subparsers(
+        dest="alerts_command", required=True
+    )
+    alert_list = alert_commands.add_parser("list", help="list alerts, newest first")
+    alert_list.add_argument("--status", choices=["open", "acknowledged"], default=None)
+    alert_list.set_defaults(handler=cmd_alerts_list)
+    ack = alert_commands.add_parser("ack", help="acknowledge an alert")
+    ack.add_argument("id", type=int)
+    ack.set_defaults(handler=cmd_alerts_ack)
+    alert_commands.add_parser("watch", help="print alerts as they arrive").set_defaults(
+        handler=cmd_alerts_watch
+    )
+
+    webhooks = commands.add_parser("webhooks", help="manage alert webhooks").add_subparsers(
+        dest="webhooks_command", required=True
+    )
+    webhook_add = webhooks.add_parser("add", help="register a URL; prints its signing secret once")
+    webhook_add.add_argument("url")
+    webhook_add.add_argument("--description", default="")
+    webhook_add.set_defaults(handler=cmd_webhooks_add)
+    webhooks.add_parser("list", help="list webhooks").set_defaults(handler=cmd_webhooks_list)
+    webhook_remove = webhooks.add_parser("remove", help="stop sending to a webhook")
+    webhook_remove.add_argument("id", type=int)
+    webhook_remove.set_defaults(handler=cmd_webhooks_remove)
     return parser
 
 

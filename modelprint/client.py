@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +47,18 @@ class OperatorClient:
         self.close()
 
     def create_client(self, name: str) -> dict[str, Any]:
-        return _checked(self.http.post("/v1/clients", json={"name": name}))  # type: ignore[no-any-return]
+        return _checked(self.http.post("/v1/clients", json={"name": name}))
 
     def list_clients(self) -> list[dict[str, Any]]:
-        return _checked(self.http.get("/v1/clients"))  # type: ignore[no-any-return]
+        return _checked(self.http.get("/v1/clients"))
 
     def set_client_disabled(self, client_id: int, disabled: bool) -> dict[str, Any]:
         action = "disable" if disabled else "enable"
-        return _checked(self.http.post(f"/v1/clients/{client_id}/{action}"))  # type: ignore[no-any-return]
+        return _checked(self.http.post(f"/v1/clients/{client_id}/{action}"))
 
     def queries(self, client_id: int, after_id: int = 0, limit: int = 100) -> dict[str, Any]:
         params = {"after_id": after_id, "limit": limit}
-        return _checked(self.http.get(f"/v1/clients/{client_id}/queries", params=params))  # type: ignore[no-any-return]
+        return _checked(self.http.get(f"/v1/clients/{client_id}/queries", params=params))
 
     def all_queries(self, client_id: int, page_size: int = 1000) -> list[dict[str, Any]]:
         """Every stored query record of a client, following the cursor."""
@@ -69,6 +71,42 @@ class OperatorClient:
                 return records
             after_id = page["next_after_id"]
 
+    def suspicion(self, client_id: int) -> dict[str, Any]:
+        return _checked(self.http.get(f"/v1/clients/{client_id}/suspicion"))
+
+    def verify_history(self, client_id: int) -> dict[str, Any]:
+        return _checked(self.http.get(f"/v1/clients/{client_id}/history/verify"))
+
+    def list_alerts(self, status: str | None = None) -> list[dict[str, Any]]:
+        params = {"status": status} if status else {}
+        return _checked(self.http.get("/v1/alerts", params=params))
+
+    def acknowledge_alert(self, alert_id: int) -> dict[str, Any]:
+        return _checked(self.http.post(f"/v1/alerts/{alert_id}/ack"))
+
+    def watch_alerts(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (event, alert) from the server-sent event stream until interrupted."""
+        event = "alert"
+        with self.http.stream("GET", "/v1/alerts/stream", timeout=httpx.Timeout(10.0, read=None)) as response:
+            if not response.is_success:
+                response.read()
+                _checked(response)
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    yield event, json.loads(line.removeprefix("data: "))
+
+    def create_webhook(self, url: str, description: str = "") -> dict[str, Any]:
+        body = {"url": url, "description": description}
+        return _checked(self.http.post("/v1/webhooks", json=body))
+
+    def list_webhooks(self) -> list[dict[str, Any]]:
+        return _checked(self.http.get("/v1/webhooks"))
+
+    def deactivate_webhook(self, webhook_id: int) -> dict[str, Any]:
+        return _checked(self.http.delete(f"/v1/webhooks/{webhook_id}"))
+
     def deploy_model(self, name: str, model_file: Path, reference_data: Path | None = None) -> dict[str, Any]:
         files: dict[str, tuple[str, bytes, str]] = {
             "file": (model_file.name, model_file.read_bytes(), "application/octet-stream")
@@ -79,10 +117,10 @@ class OperatorClient:
                 reference_data.read_bytes(),
                 "application/octet-stream",
             )
-        return _checked(self.http.post("/v1/models", data={"name": name}, files=files))  # type: ignore[no-any-return]
+        return _checked(self.http.post("/v1/models", data={"name": name}, files=files))
 
     def list_models(self) -> list[dict[str, Any]]:
-        return _checked(self.http.get("/v1/models"))  # type: ignore[no-any-return]
+        return _checked(self.http.get("/v1/models"))
 
 
 class GatewayClient:
@@ -103,9 +141,7 @@ class GatewayClient:
         self.close()
 
     def predict(self, model: str, instances: list[list[float]]) -> dict[str, Any]:
-        return _checked(  # type: ignore[no-any-return]
-            self.http.post(f"/v1/models/{model}/predict", json={"instances": instances})
-        )
+        return _checked(self.http.post(f"/v1/models/{model}/predict", json={"instances": instances}))
 
     def infer_v2(self, model: str, rows: list[list[float]], datatype: str = "FP64") -> dict[str, Any]:
         body = {
@@ -118,4 +154,4 @@ class GatewayClient:
                 }
             ]
         }
-        return _checked(self.http.post(f"/v2/models/{model}/infer", json=body))  # type: ignore[no-any-return]
+        return _checked(self.http.post(f"/v2/models/{model}/infer", json=body))

@@ -35,8 +35,9 @@ def _timestamp(value: datetime) -> str:
 
 
 def _floats(values: Any) -> bytes:
-    array = np.ascontiguousarray(values, dtype="<f8")
-    return struct.pack("<I", array.size) + array.tobytes()
+    # Stored rows are float64 little-endian bytes already; lists and arrays are converted to them.
+    data = values if isinstance(values, bytes) else np.ascontiguousarray(values, dtype="<f8").tobytes()
+    return struct.pack("<I", len(data) // 8) + data
 
 
 def canonical_record(record: Mapping[str, Any]) -> bytes:

@@ -203,8 +203,8 @@ def load_secrets(settings: Settings) -> Secrets:
             raise SecretsError(f"{settings.fingerprint_keys_file}: 'keys' must map key ids to secrets")
         keys = {str(key_id): str(secret) for key_id, secret in raw_keys.items() if key_id != "active"}
         active = active or (str(file_content["active"]) if "active" in file_content else None)
-    elif isinstance(stored.get("fingerprint_keys"), dict):
-        keys = {str(k): str(v) for k, v in stored["fingerprint_keys"].items()}  # type: ignore[union-attr]
+    elif isinstance(stored_keys := stored.get("fingerprint_keys"), dict):
+        keys = {str(k): str(v) for k, v in stored_keys.items()}
         stored_active = stored.get("fingerprint_active_key")
         active = active or (str(stored_active) if stored_active else None)
     if not keys:

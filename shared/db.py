@@ -25,7 +25,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -111,8 +111,9 @@ class QueryRecord(Base):
     key_id: Mapped[str] = mapped_column(String(100))
     answered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    input: Mapped[list[float]] = mapped_column(ARRAY(Float(precision=53)))
-    probabilities: Mapped[list[float]] = mapped_column(ARRAY(Float(precision=53)))
+    # float64 little-endian bytes: exact, compact, and ~6x faster to COPY than float8[].
+    input: Mapped[bytes] = mapped_column(LargeBinary)
+    probabilities: Mapped[bytes] = mapped_column(LargeBinary)
     label_index: Mapped[int] = mapped_column(Integer)
     label: Mapped[str] = mapped_column(Text)
     # Position in the client's hash chain and the chain links (see shared/chain.py).
@@ -201,7 +202,9 @@ class WebhookDelivery(Base):
     """One alert's delivery to one webhook, with its retry state."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (UniqueConstraint("alert_id", "webhook_id", "alert_version", name="uq_webhook_deliveries_key"),)
+    __table_args__ = (
+        UniqueConstraint("alert_id", "webhook_id", "alert_version", name="uq_webhook_deliveries_key"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"))

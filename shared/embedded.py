@@ -138,10 +138,11 @@ class EmbeddedPostgres:
     def _bin(self, name: str) -> str:
         return str(_postgres_bin_path() / name)
 
-    def _run_as(self) -> dict[str, object]:
+    def _run_as(self) -> tuple[int, int] | None:
+        """The (uid, gid) to run PostgreSQL as, or None to run it as the current user."""
         # PostgreSQL refuses to run as root; as root, run it as a dedicated system user as pgserver does.
         if os.geteuid() != 0:
-            return {}
+            return None
         bin_path = _postgres_bin_path()
         from pgserver.utils import (  # noqa: PLC0415
             ensure_folder_permissions,
@@ -157,13 +158,14 @@ class EmbeddedPostgres:
         ensure_folder_permissions(bin_path.parent / "lib", 0o044)
         for path in (self.data_dir, *self.data_dir.rglob("*")):
             os.chown(path, entry.pw_uid, entry.pw_gid)
-        return {"user": entry.pw_uid, "group": entry.pw_gid}
+        return entry.pw_uid, entry.pw_gid
 
     def start(self, timeout: float = 60.0) -> str:
         """Initialise the cluster if needed, start the server, create the database; return its URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)
         run_as = self._run_as()
+        user, group = run_as if run_as is not None else (None, None)
         if not (self.data_dir / "PG_VERSION").exists():
             subprocess.run(  # noqa: S603
                 [
@@ -179,7 +181,8 @@ class EmbeddedPostgres:
                 check=True,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                **run_as,  # type: ignore[arg-type]
+                user=user,
+                group=group,
             )
         stale_pid = self.data_dir / "postmaster.pid"
         if stale_pid.exists() and not _postmaster_alive(stale_pid):
@@ -188,12 +191,12 @@ class EmbeddedPostgres:
             self.port = free_port()
         socket_dir = self.data_dir / "sock"
         socket_dir.mkdir(exist_ok=True)
-        if run_as:
-            os.chown(socket_dir, int(run_as["user"]), int(run_as["group"]))  # type: ignore[call-overload]
+        if run_as is not None:
+            os.chown(socket_dir, *run_as)
         log_path = self.data_dir / "postgres.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child for its lifetime
-        if run_as:
-            os.chown(log_path, int(run_as["user"]), int(run_as["group"]))  # type: ignore[call-overload]
+        if run_as is not None:
+            os.chown(log_path, *run_as)
         self.process = subprocess.Popen(  # noqa: S603
             [
                 self._bin("postgres"),
@@ -216,7 +219,8 @@ class EmbeddedPostgres:
             stdout=log_file,
             stderr=log_file,
             start_new_session=True,
-            **run_as,  # type: ignore[arg-type]
+            user=user,
+            group=group,
         )
         log_file.close()
         self._wait_ready(timeout)

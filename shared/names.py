@@ -10,6 +10,9 @@ ALL_QUEUES: Final = (QUEUE_INFERENCE, QUEUE_AUDIT, QUEUE_SCANS)
 TASK_PREDICT: Final = "inference.predict"
 TASK_RECORD_QUERIES: Final = "audit.record_queries"
 TASK_SYNC_REGISTRY: Final = "audit.sync_registry"
+TASK_DELIVER_WEBHOOK: Final = "audit.deliver_webhook"
+TASK_SCORE_CLIENT: Final = "audit.score_client"
+TASK_SCORE_ALL: Final = "audit.score_all"
 
 # Redis keys. The auditor publishes the registry (API keys, deployed model versions) here from
 # PostgreSQL, which stays the source of truth; the gateway only reads them.

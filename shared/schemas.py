@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 ClassLabel = str | int | float | bool
@@ -72,7 +73,9 @@ class QueryBatch(BaseModel):
     labels: list[str]
 
     def rows(self) -> list[dict[str, Any]]:
-        """The batch as one insertable dict per answered row."""
+        """The batch as one insertable dict per answered row (arrays as float64 little-endian bytes)."""
+        inputs = np.ascontiguousarray(self.inputs, dtype="<f8")
+        probabilities = np.ascontiguousarray(self.probabilities, dtype="<f8")
         return [
             {
                 "request_id": self.request_id,
@@ -83,12 +86,12 @@ class QueryBatch(BaseModel):
                 "scheme": self.scheme,
                 "key_id": self.key_id,
                 "answered_at": self.answered_at,
-                "input": row_input,
-                "probabilities": row_probabilities,
+                "input": row_input.tobytes(),
+                "probabilities": row_probabilities.tobytes(),
                 "label_index": label_index,
                 "label": label,
             }
             for index, (row_input, row_probabilities, label_index, label) in enumerate(
-                zip(self.inputs, self.probabilities, self.label_indices, self.labels, strict=True)
+                zip(inputs, probabilities, self.label_indices, self.labels, strict=True)
             )
         ]

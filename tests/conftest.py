@@ -86,13 +86,23 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
         "MODELPRINT_BROKER_VISIBILITY_TIMEOUT": str(TEST_VISIBILITY_TIMEOUT),
         "MODELPRINT_PREDICT_TIMEOUT_SECONDS": str(TEST_PREDICT_TIMEOUT),
         "MODELPRINT_LOG_LEVEL": "INFO",
+        # Score every 50 new queries, and catch up on the rest every 5 s.
+        "MODELPRINT_SUSPICION_EVERY": "50",
+        "MODELPRINT_SUSPICION_BEAT_SECONDS": "5",
+        # Test webhooks are served on loopback, which the SSRF guard refuses unless allowed.
+        "MODELPRINT_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
     }
-    previous = {key: os.environ.get(key) for key in overrides}
+    previous = {
+        key: os.environ.get(key) for key in [*overrides, "MODELPRINT_REDIS_URL", "MODELPRINT_DATABASE_URL"]
+    }
     os.environ.update(overrides)
     settings = Settings()
     stack = Stack(settings, StackOptions(inference_workers=1, inference_concurrency=2, with_beat=True))
     try:
         stack.start()
+        # In-process calls of service code (tests of tasks and functions) reach the same servers.
+        os.environ["MODELPRINT_REDIS_URL"] = stack.redis_url or ""
+        os.environ["MODELPRINT_DATABASE_URL"] = stack.database_url or ""
         yield RunningStack(stack=stack, settings=settings, secrets=load_secrets(settings), data_dir=data_dir)
     finally:
         stack.stop()

@@ -68,8 +68,8 @@ def upgrade() -> None:
         sa.Column("key_id", sa.String(length=100), nullable=False),
         sa.Column("answered_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("stored_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
-        sa.Column("input", postgresql.ARRAY(sa.Float(precision=53)), nullable=False),
-        sa.Column("probabilities", postgresql.ARRAY(sa.Float(precision=53)), nullable=False),
+        sa.Column("input", sa.LargeBinary(), nullable=False),
+        sa.Column("probabilities", sa.LargeBinary(), nullable=False),
         sa.Column("label_index", sa.Integer(), nullable=False),
         sa.Column("label", sa.Text(), nullable=False),
         sa.ForeignKeyConstraint(

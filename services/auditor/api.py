@@ -1,41 +1,49 @@
 """Operator API (port 8001): clients and keys, models, query histories. Bearer <admin token> on /v1."""
 
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Annotated, Literal
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 import orjson
-
 import redis
+import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from services.auditor import service
+from services.auditor import alerts, service, suspicion
 from services.auditor.config import AuditorSettings
 from services.auditor.schemas import (
     ChainVerificationOut,
     ClientCreate,
     ClientCreated,
     ClientOut,
+    DeliveryOut,
     ModelOut,
     ModelVersionOut,
     QueryPage,
     QueryRecordOut,
+    WebhookCreate,
+    WebhookCreated,
+    WebhookOut,
 )
 from shared.config import load_secrets
-from shared.db import Client, Model, ModelVersion, session_factory
+from shared.db import Client, Model, ModelVersion, Webhook, WebhookDelivery, session_factory
 from shared.http import ApiError, install_error_handlers
 from shared.modelfile import ModelFileError
+from shared.netguard import UnsafeUrlError, parse_host_list
 from shared.security import bearer_token, tokens_match
 
 logger = logging.getLogger(__name__)
 
+SSE_KEEPALIVE_SECONDS = 15.0
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 
 
@@ -77,6 +85,20 @@ async def _read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
     if not data:
         raise ApiError(422, f"{what} is empty")
     return data
+
+
+def _sse(event: str, payload: dict[str, Any]) -> bytes:
+    return f"id: {payload['id']}\nevent: {event}\ndata: ".encode() + orjson.dumps(payload) + b"\n\n"
+
+
+def _webhook_out(webhook: Webhook) -> WebhookOut:
+    return WebhookOut(
+        id=webhook.id,
+        url=webhook.url,
+        description=webhook.description,
+        active=webhook.active,
+        created_at=webhook.created_at,
+    )
 
 
 def create_app(settings: AuditorSettings | None = None) -> FastAPI:
@@ -144,7 +166,11 @@ def create_app(settings: AuditorSettings | None = None) -> FastAPI:
 
     @app.get("/v1/clients", dependencies=admin)
     def list_clients(session: SessionDep) -> list[ClientOut]:
-        return [_client_out(client) for client in service.list_clients(session)]
+        levels = suspicion.levels_by_client(session)
+        return [
+            _client_out(client).model_copy(update={"suspicion": levels.get(client.id, "none")})
+            for client in service.list_clients(session)
+        ]
 
     def _client_or_404(session: Session, client_id: int) -> Client:
         try:
@@ -193,14 +219,19 @@ def create_app(settings: AuditorSettings | None = None) -> FastAPI:
                     scheme=record.scheme,
                     key_id=record.key_id,
                     answered_at=record.answered_at,
-                    input=record.input,
-                    probabilities=record.probabilities,
+                    input=service.floats(record.input),
+                    probabilities=service.floats(record.probabilities),
                     label=record.label,
                 )
                 for record in records
             ],
             next_after_id=records[-1].id if len(records) == limit else None,
         )
+
+    @app.get("/v1/clients/{client_id}/suspicion", dependencies=admin)
+    def client_suspicion(client_id: int, session: SessionDep) -> dict[str, Any]:
+        _client_or_404(session, client_id)
+        return suspicion.client_suspicion(session, client_id)
 
     @app.get("/v1/clients/{client_id}/history/verify", dependencies=admin)
     def verify_history(client_id: int, session: SessionDep) -> ChainVerificationOut:
@@ -220,15 +251,123 @@ def create_app(settings: AuditorSettings | None = None) -> FastAPI:
             with sessions() as export_session:
                 content = service.export_npz(export_session, client_id)
             return Response(content, media_type="application/octet-stream", headers=headers)
-        return StreamingResponse(
-            _jsonl_lines(client_id), media_type="application/x-ndjson", headers=headers
-        )
+        return StreamingResponse(_jsonl_lines(client_id), media_type="application/x-ndjson", headers=headers)
 
     def _jsonl_lines(client_id: int) -> Iterator[bytes]:
         # A session of its own: the request's session is closed once the response starts streaming.
         with sessions() as export_session:
             for record in service.iter_queries(export_session, client_id):
                 yield orjson.dumps(service.record_export(record)) + b"\n"
+
+    # -- alerts ------------------------------------------------------------------------------------
+
+    @app.get("/v1/alerts", dependencies=admin)
+    def list_alerts(
+        session: SessionDep,
+        status: Annotated[Literal["open", "acknowledged"] | None, Query()] = None,
+        kind: Annotated[str | None, Query(max_length=50)] = None,
+        since: Annotated[
+            datetime | None, Query(description="Only alerts updated at or after this time")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[dict[str, Any]]:
+        return [
+            alerts.alert_payload(alert) for alert in alerts.list_alerts(session, status, kind, since, limit)
+        ]
+
+    @app.post("/v1/alerts/{alert_id}/ack", dependencies=admin)
+    def acknowledge_alert(alert_id: int, session: SessionDep) -> dict[str, Any]:
+        alert = alerts.acknowledge(session, alert_id)
+        if alert is None:
+            raise ApiError(404, f"no alert with id {alert_id}")
+        session.commit()
+        alerts.publish_alert(registry, alert, "alert_acknowledged")
+        return alerts.alert_payload(alert)
+
+    @app.get("/v1/alerts/stream", dependencies=admin)
+    async def stream_alerts(
+        request: Request,
+        last_event_id: Annotated[str | None, Header()] = None,
+        after_id: Annotated[
+            int | None, Query(ge=0, description="Replay alerts with larger ids first")
+        ] = None,
+    ) -> StreamingResponse:
+        cursor = after_id
+        if cursor is None and last_event_id and last_event_id.isdigit():
+            cursor = int(last_event_id)
+        return StreamingResponse(
+            _alert_events(request, cursor),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _alert_events(request: Request, cursor: int | None) -> AsyncIterator[bytes]:
+        client = aioredis.Redis.from_url(settings.require_redis_url())
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            # Subscribe before replaying, so nothing raised in between is missed.
+            await pubsub.subscribe(alerts.ALERT_CHANNEL)
+            if cursor is not None:
+                backlog = await run_in_threadpool(_backlog, cursor)
+                for payload in backlog:
+                    yield _sse("alert", payload)
+            yield b": connected\n\n"
+            last_sent = time.monotonic()
+            while not await request.is_disconnected():
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    event = orjson.loads(message["data"])
+                    yield _sse(event["event"], event["alert"])
+                    last_sent = time.monotonic()
+                elif time.monotonic() - last_sent > SSE_KEEPALIVE_SECONDS:
+                    yield b": keep-alive\n\n"
+                    last_sent = time.monotonic()
+        finally:
+            await pubsub.aclose()
+            await client.aclose()
+
+    def _backlog(cursor: int) -> list[dict[str, Any]]:
+        with sessions() as session:
+            return [alerts.alert_payload(alert) for alert in alerts.alerts_after(session, cursor)]
+
+    # -- webhooks ----------------------------------------------------------------------------------
+
+    webhook_hosts = parse_host_list(settings.webhook_allowed_hosts)
+
+    @app.post("/v1/webhooks", status_code=201, dependencies=admin)
+    def create_webhook(body: WebhookCreate, session: SessionDep) -> WebhookCreated:
+        try:
+            created = alerts.create_webhook(session, str(body.url), body.description, webhook_hosts)
+        except UnsafeUrlError as exc:
+            raise ApiError(422, f"webhook URL refused: {exc}") from exc
+        session.commit()
+        return WebhookCreated(
+            **_webhook_out(created.webhook).model_dump(), signing_secret=created.signing_secret
+        )
+
+    @app.get("/v1/webhooks", dependencies=admin)
+    def list_webhooks(session: SessionDep) -> list[WebhookOut]:
+        return [_webhook_out(webhook) for webhook in session.scalars(select(Webhook).order_by(Webhook.id))]
+
+    @app.delete("/v1/webhooks/{webhook_id}", dependencies=admin)
+    def deactivate_webhook(webhook_id: int, session: SessionDep) -> WebhookOut:
+        webhook = session.get(Webhook, webhook_id)
+        if webhook is None:
+            raise ApiError(404, f"no webhook with id {webhook_id}")
+        webhook.active = False
+        return _webhook_out(webhook)
+
+    @app.get("/v1/webhooks/{webhook_id}/deliveries", dependencies=admin)
+    def list_deliveries(webhook_id: int, session: SessionDep) -> list[DeliveryOut]:
+        if session.get(Webhook, webhook_id) is None:
+            raise ApiError(404, f"no webhook with id {webhook_id}")
+        deliveries = session.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.webhook_id == webhook_id)
+            .order_by(WebhookDelivery.id.desc())
+            .limit(200)
+        )
+        return [DeliveryOut.model_validate(delivery, from_attributes=True) for delivery in deliveries]
 
     @app.post("/v1/models", status_code=201, dependencies=admin)
     async def deploy_model(

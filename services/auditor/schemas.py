@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import AnyHttpUrl, BaseModel, Field
 
 from shared.schemas import ClassLabel
 
@@ -22,6 +22,7 @@ class ClientOut(BaseModel):
     created_at: datetime
     disabled: bool
     disabled_at: datetime | None
+    suspicion: str = Field(default="none", description="none, suspected or high (see /suspicion)")
 
 
 class ClientCreated(ClientOut):
@@ -75,3 +76,34 @@ class ChainVerificationOut(BaseModel):
     first_broken_seq: int | None
     first_broken_record_id: int | None
     reason: str | None
+
+
+class WebhookCreate(BaseModel):
+    url: AnyHttpUrl = Field(description="Receives each alert as a signed JSON POST")
+    description: str = Field(default="", max_length=200)
+
+
+class WebhookOut(BaseModel):
+    id: int
+    url: str
+    description: str
+    active: bool
+    created_at: datetime
+
+
+class WebhookCreated(WebhookOut):
+    signing_secret: str = Field(description="Verify X-Modelprint-Signature with it; shown only here")
+
+
+class DeliveryOut(BaseModel):
+    id: int
+    alert_id: int
+    webhook_id: int
+    alert_version: int
+    status: str
+    attempts: int
+    last_error: str | None
+    last_status_code: int | None
+    created_at: datetime
+    last_attempt_at: datetime | None
+    delivered_at: datetime | None

@@ -171,7 +171,16 @@ def lock_chain(session: Session, client_id: int) -> ClientChain:
     ).scalar_one()
 
 
-def store_query_batch(session: Session, batch: QueryBatch) -> int:
+@dataclass(frozen=True)
+class StoredBatch:
+    """How many rows a batch added, and the client's chain length before and after."""
+
+    inserted: int
+    length_before: int
+    length_after: int
+
+
+def store_query_batch(session: Session, batch: QueryBatch) -> StoredBatch:
     """Append a request's rows to the client's hash chain with one COPY; redelivered rows are skipped."""
     chain = lock_chain(session, batch.client_id)
     # Under the chain lock, a concurrent redelivery of the same batch sees these rows once committed.
@@ -179,13 +188,14 @@ def store_query_batch(session: Session, batch: QueryBatch) -> int:
         session.scalars(select(QueryRecord.row_index).where(QueryRecord.request_id == batch.request_id))
     )
     rows = [row for row in batch.rows() if row["row_index"] not in already]
+    length_before = chain.length
     if not rows:
-        return 0
+        return StoredBatch(0, length_before, length_before)
     chain.head_hash = link_records(chain.head_hash, chain.length + 1, rows)
     chain.length += len(rows)
     copy_rows(session, rows)
     session.flush()
-    return len(rows)
+    return StoredBatch(len(rows), length_before, chain.length)
 
 
 def copy_rows(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -193,9 +203,43 @@ def copy_rows(session: Session, rows: list[dict[str, Any]]) -> None:
     connection = session.connection().connection.driver_connection
     assert connection is not None
     columns = ", ".join(QUERY_RECORD_COLUMNS)
+    # Formatting the COPY text ourselves (bytea as hex, the request's shared fields once) is several
+    # times faster than letting the driver adapt every value.
     with connection.cursor() as cursor, cursor.copy(f"COPY query_records ({columns}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row([row[column] for column in QUERY_RECORD_COLUMNS])
+        copy.write(_copy_text(rows))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _copy_text(rows: list[dict[str, Any]]) -> str:
+    """COPY text for rows in QUERY_RECORD_COLUMNS order; fields shared by a request are formatted once."""
+    lines = []
+    formatted: dict[tuple[Any, ...], tuple[str, str]] = {}
+    for row in rows:
+        key = (
+            row["request_id"],
+            row["client_id"],
+            row["model_name"],
+            row["model_version"],
+            row["scheme"],
+            row["key_id"],
+            row["answered_at"],
+        )
+        if key not in formatted:
+            formatted[key] = (
+                _escape(row["request_id"]) + "\t",
+                f"\t{row['client_id']}\t{_escape(row['model_name'])}\t{row['model_version']}\t"
+                f"{_escape(row['scheme'])}\t{_escape(row['key_id'])}\t{row['answered_at'].isoformat()}\t",
+            )
+        head, middle = formatted[key]
+        lines.append(
+            f"{head}{row['row_index']}{middle}\\\\x{row['input'].hex()}\t\\\\x{row['probabilities'].hex()}\t"
+            f"{row['label_index']}\t{_escape(row['label'])}\t{row['seq']}\t{row['prev_hash']}\t"
+            f"{row['record_hash']}\n"
+        )
+    return "".join(lines)
 
 
 @dataclass(frozen=True)
@@ -303,13 +347,18 @@ def record_export(record: QueryRecord) -> dict[str, Any]:
         "scheme": record.scheme,
         "key_id": record.key_id,
         "answered_at": record.answered_at.isoformat(),
-        "input": record.input,
-        "probabilities": record.probabilities,
+        "input": floats(record.input),
+        "probabilities": floats(record.probabilities),
         "label_index": record.label_index,
         "label": record.label,
         "prev_hash": record.prev_hash,
         "record_hash": record.record_hash,
     }
+
+
+def floats(data: bytes) -> list[float]:
+    """A stored float64 little-endian array as a list of floats."""
+    return np.frombuffer(data, dtype="<f8").tolist()
 
 
 def export_npz(session: Session, client_id: int) -> bytes:

@@ -1,4 +1,4 @@
-"""Celery tasks of the auditor (audit queue) and its beat schedule: thin wrappers around the service."""
+"""Celery tasks of the auditor (audit queue) and its beat schedule: thin wrappers around the services."""
 
 from __future__ import annotations
 
@@ -10,12 +10,20 @@ import redis
 from celery.signals import worker_process_init
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from services.auditor import service
+from services.auditor import alerts, service, suspicion
 from services.auditor.config import AuditorSettings
 from shared.celery_app import create_celery_app
-from shared.db import session_scope
+from shared.db import Client, session_scope
 from shared.logs import configure_logging
-from shared.names import QUEUE_AUDIT, TASK_RECORD_QUERIES, TASK_SYNC_REGISTRY
+from shared.names import (
+    QUEUE_AUDIT,
+    TASK_DELIVER_WEBHOOK,
+    TASK_RECORD_QUERIES,
+    TASK_SCORE_ALL,
+    TASK_SCORE_CLIENT,
+    TASK_SYNC_REGISTRY,
+)
+from shared.netguard import parse_host_list
 from shared.schemas import QueryBatch
 
 logger = logging.getLogger(__name__)
@@ -28,13 +36,24 @@ app.conf.beat_schedule = {
         "schedule": settings.registry_sync_seconds,
         "options": {"queue": QUEUE_AUDIT, "expires": settings.registry_sync_seconds},
     },
+    "score-clients": {
+        "task": TASK_SCORE_ALL,
+        "schedule": settings.suspicion_beat_seconds,
+        "options": {"queue": QUEUE_AUDIT, "expires": settings.suspicion_beat_seconds},
+    },
 }
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+profiles = suspicion.ProfileCache()
 
 
 @lru_cache(maxsize=1)
 def registry_client() -> redis.Redis:
-    """This process's connection for the registry."""
+    """This process's Redis connection (registry and alert stream)."""
     return redis.Redis.from_url(settings.require_redis_url())
+
+
+def _database_url() -> str:
+    return settings.require_database_url()
 
 
 @worker_process_init.connect
@@ -44,7 +63,7 @@ def _init_worker_process(**_: Any) -> None:
 
 @app.task(
     name=TASK_RECORD_QUERIES,
-    autoretry_for=(OperationalError, InterfaceError),
+    autoretry_for=TRANSIENT_DB_ERRORS,
     retry_backoff=True,
     retry_backoff_max=60,
     max_retries=None,
@@ -52,15 +71,77 @@ def _init_worker_process(**_: Any) -> None:
 def record_queries(**payload: Any) -> int:
     """Store one request's answered rows; redelivery after a crash inserts nothing twice."""
     batch = QueryBatch.model_validate(payload)
-    with session_scope(settings.require_database_url()) as session:
-        inserted = service.store_query_batch(session, batch)
-    logger.debug("queries stored", extra={"request_id": batch.request_id, "inserted": inserted})
-    return inserted
+    with session_scope(_database_url()) as session:
+        stored = service.store_query_batch(session, batch)
+    every = settings.suspicion_every
+    if stored.inserted and stored.length_before // every != stored.length_after // every:
+        score_client_task.apply_async(args=[batch.client_id], queue=QUEUE_AUDIT)
+    return stored.inserted
 
 
-@app.task(name=TASK_SYNC_REGISTRY, autoretry_for=(OperationalError, redis.ConnectionError), max_retries=3)
+@app.task(name=TASK_SYNC_REGISTRY, autoretry_for=(*TRANSIENT_DB_ERRORS, redis.ConnectionError), max_retries=3)
 def sync_registry() -> dict[str, int]:
     """Rewrite the gateway's registry in Redis from PostgreSQL."""
-    with session_scope(settings.require_database_url()) as session:
+    with session_scope(_database_url()) as session:
         keys, models = service.sync_registry(session, registry_client())
     return {"api_keys": keys, "models": models}
+
+
+@app.task(name=TASK_SCORE_CLIENT, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=5)
+def score_client_task(client_id: int) -> int:
+    """Score a client's new queries; raise or refresh an extraction_suspected alert on alarms."""
+    alarming: list[tuple[str, str, dict[str, Any]]] = []
+    with session_scope(_database_url()) as session:
+        scores = suspicion.score_client(session, client_id, profiles)
+        client = session.get(Client, client_id)
+        if scores is None or client is None:
+            return 0
+        alarming = [suspicion.alert_text(client, score) for score in scores if score.alarms]
+    for severity, message, evidence in alarming:
+        raise_and_notify(
+            alerts.KIND_EXTRACTION_SUSPECTED, severity, "client", str(client_id), message, evidence
+        )
+    return len(alarming)
+
+
+@app.task(name=TASK_SCORE_ALL, autoretry_for=TRANSIENT_DB_ERRORS, max_retries=3)
+def score_all() -> int:
+    """Beat: queue scoring for every client whose history grew since it was last scored."""
+    with session_scope(_database_url()) as session:
+        client_ids = suspicion.clients_to_score(session)
+    for client_id in client_ids:
+        score_client_task.apply_async(args=[client_id], queue=QUEUE_AUDIT)
+    return len(client_ids)
+
+
+def raise_and_notify(
+    kind: str, severity: str, subject_type: str, subject_id: str, message: str, evidence: dict[str, Any]
+) -> int:
+    """Raise (or merge) an alert, stream it to watchers, and queue webhook deliveries if it is news."""
+    with session_scope(_database_url()) as session:
+        raised = alerts.raise_alert(session, kind, severity, subject_type, subject_id, message, evidence)
+        delivery_ids = alerts.queue_deliveries(session, raised.alert) if raised.notify else []
+        alert = raised.alert
+    alerts.publish_alert(registry_client(), alert, "alert" if alert.occurrences == 1 else "alert_updated")
+    for delivery_id in delivery_ids:
+        deliver_webhook.apply_async(args=[delivery_id], queue=QUEUE_AUDIT)
+    logger.warning(
+        "alert raised",
+        extra={"alert_id": alert.id, "kind": kind, "severity": alert.severity, "subject": subject_id},
+    )
+    return alert.id
+
+
+@app.task(name=TASK_DELIVER_WEBHOOK, bind=True, autoretry_for=TRANSIENT_DB_ERRORS, max_retries=None)
+def deliver_webhook(self: Any, delivery_id: int) -> str:
+    """POST one alert to one webhook; retried with exponential backoff until delivered or given up."""
+    with session_scope(_database_url()) as session:
+        status = alerts.attempt_delivery(
+            session,
+            delivery_id,
+            parse_host_list(settings.webhook_allowed_hosts),
+            settings.webhook_max_attempts,
+        )
+    if status == "retry":
+        raise self.retry(countdown=min(300, 2 ** min(self.request.retries, 8)))
+    return status

@@ -38,9 +38,9 @@ def test_storing_a_batch_twice_inserts_it_once(running_stack: RunningStack) -> N
     batch = _batch(client_id, rows=7)
     database_url = running_stack.stack.database_url or ""
     with session_scope(database_url) as session:
-        assert service.store_query_batch(session, batch) == 7
+        assert service.store_query_batch(session, batch).inserted == 7
     with session_scope(database_url) as session:
-        assert service.store_query_batch(session, batch) == 0
+        assert service.store_query_batch(session, batch).inserted == 0
         assert service.count_queries(session, client_id) == 7
 
 

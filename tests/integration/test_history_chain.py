@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from datetime import datetime
 
 import numpy as np
@@ -19,13 +18,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def chained_client(running_stack: RunningStack, small_model: DeployedTestModel) -> Iterator[int]:
+def chained_client(running_stack: RunningStack, small_model: DeployedTestModel) -> int:
     client_id, gateway, _ = running_stack.new_client("chain")
     with gateway:
         for start in (0, 7, 20):
             gateway.predict(small_model.name, small_model.X[start : start + 7].tolist())
     wait_until(lambda: running_stack.query_count(client_id) >= 21, 20, "21 rows stored")
-    yield client_id
+    return client_id
 
 
 def _verify(running_stack: RunningStack, client_id: int) -> dict[str, object]:
@@ -52,7 +51,9 @@ def test_intact_history_verifies(running_stack: RunningStack, chained_client: in
 def test_edited_row_breaks_the_chain_at_that_row(running_stack: RunningStack, chained_client: int) -> None:
     _sql(
         running_stack,
-        "UPDATE query_records SET probabilities[1] = probabilities[1] + 1e-9 WHERE client_id = :c AND seq = 12",
+        # One bit of one stored probability: a change far below any printed precision.
+        "UPDATE query_records SET probabilities = set_byte(probabilities, 0, get_byte(probabilities, 0) # 1) "
+        "WHERE client_id = :c AND seq = 12",
         c=chained_client,
     )
     result = _verify(running_stack, chained_client)
