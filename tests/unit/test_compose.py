@@ -42,11 +42,12 @@ APP_SERVICES: dict[str, list[str]] = {
     "auditor-api": ["serve", "auditor"],
     "inference-worker": ["worker", "inference"],
     "audit-worker": ["worker", "audit"],
+    "scan-worker": ["worker", "scans"],
     "beat": ["beat"],
 }
 LONG_RUNNING = [name for name in APP_SERVICES if name != "migrate"]
 HTTP_SERVICES = {"gateway": "/v2/health/ready", "auditor-api": "/healthz"}
-WORKER_SERVICES = {"inference-worker": "inference", "audit-worker": "audit"}
+WORKER_SERVICES = {"inference-worker": "inference", "audit-worker": "audit", "scan-worker": "scans"}
 SECRET_VARS = ("MODELPRINT_ADMIN_TOKEN", "MODELPRINT_FINGERPRINT_KEYS")
 
 # Compose interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error},
@@ -165,7 +166,9 @@ def worker_argv(monkeypatch: pytest.MonkeyPatch, queue: str) -> list[str]:
     recorded: list[list[str]] = []
     fake = ModuleType(f"services.{'inference' if queue == 'inference' else 'auditor'}.tasks")
     fake.app = SimpleNamespace(worker_main=recorded.append)  # type: ignore[attr-defined]
-    fake.settings = SimpleNamespace(inference_concurrency=2, audit_concurrency=1)  # type: ignore[attr-defined]
+    fake.settings = SimpleNamespace(  # type: ignore[attr-defined]
+        inference_concurrency=2, audit_concurrency=1, scan_worker_concurrency=1
+    )
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
     cli.cmd_worker(argparse.Namespace(queue=queue, concurrency=None), SimpleNamespace(log_level="INFO"))  # type: ignore[arg-type]
     assert len(recorded) == 1
@@ -364,7 +367,7 @@ def test_app_services_run_in_production_mode_with_least_secrets() -> None:
         env = environment(services()[name])
         assert env.get("MODELPRINT_ENV") == "production", name
         assert env.get("MODELPRINT_REDIS_URL", "").startswith("redis://redis:"), name
-    for name in ("auditor-api", "inference-worker"):
+    for name in ("auditor-api", "inference-worker", "scan-worker"):
         env = environment(services()[name])
         for var in (*SECRET_VARS, "MODELPRINT_FINGERPRINT_ACTIVE_KEY", "MODELPRINT_DATABASE_URL"):
             assert var in env, f"{name} needs {var}"
