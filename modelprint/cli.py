@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from shared.names import QUEUE_AUDIT, QUEUE_INFERENCE
+    from shared.names import QUEUE_AUDIT, QUEUE_INFERENCE, QUEUE_SCANS
 
     if args.queue == "inference":
         from services.inference.tasks import app
@@ -113,7 +114,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         from services.auditor.tasks import app
         from services.auditor.tasks import settings as auditor_settings
 
-        queue, default_concurrency = QUEUE_AUDIT, auditor_settings.audit_concurrency
+        if args.queue == "scans":
+            queue, default_concurrency = QUEUE_SCANS, auditor_settings.scan_worker_concurrency
+        else:
+            queue, default_concurrency = QUEUE_AUDIT, auditor_settings.audit_concurrency
     concurrency = args.concurrency or default_concurrency
     app.worker_main(
         [
@@ -123,7 +127,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             "--concurrency",
             str(concurrency),
             "--hostname",
-            f"{args.queue}-%i@%h" if args.queue == "inference" else "audit@%h",
+            f"{args.queue}-%i@%h" if args.queue == "inference" else f"{args.queue}@%h",
             "--without-gossip",
             "--without-mingle",
             "--loglevel",
@@ -292,6 +296,59 @@ def cmd_webhooks_remove(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_suspects_add(args: argparse.Namespace, settings: Settings) -> int:
+    headers = dict(header.split(":", 1) for header in args.header)
+    body = {
+        "name": args.name,
+        "url": args.url,
+        "protocol": args.protocol,
+        "model": args.model,
+        "remote_model": args.remote_model,
+        "suspected_client_id": args.client,
+        "interval_seconds": args.interval,
+        "headers": {name.strip(): value.strip() for name, value in headers.items()},
+    }
+    with _operator(settings) as operator:
+        _print_json(operator.create_suspect(body))
+    return 0
+
+
+def cmd_suspects_list(_: argparse.Namespace, settings: Settings) -> int:
+    with _operator(settings) as operator:
+        _print_json(operator.list_suspects())
+    return 0
+
+
+def cmd_suspects_scan(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    with _operator(settings) as operator:
+        scan = operator.scan_suspect(args.id)
+        print(f"scan {scan['id']} {scan['status']}", file=sys.stderr)
+        if args.no_wait:
+            _print_json(scan)
+            return 0
+        with tqdm(desc=f"scan {scan['id']}", bar_format="{desc}: {elapsed} {postfix}") as progress:
+            while scan["status"] in ("queued", "running"):
+                progress.set_postfix_str(scan["status"])
+                time.sleep(1.0)
+                scan = operator.get_scan(scan["id"])
+                progress.update()
+    print(
+        f"scan {scan['id']}: {scan['status']}, verdict {scan['verdict']}, p-value {scan['p_value']}"
+        + (f", error: {scan['error']}" if scan["error"] else "")
+    )
+    print(f"evidence report: modelprint scans report {scan['id']} > scan-{scan['id']}.html")
+    return 0 if scan["status"] == "done" else 1
+
+
+def cmd_scans_report(args: argparse.Namespace, settings: Settings) -> int:
+    with _operator(settings) as operator:
+        report = operator.scan_report(args.id, args.format)
+    sys.stdout.write(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line interface."""
     parser = argparse.ArgumentParser(prog="modelprint", description=__doc__)
@@ -320,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     worker = commands.add_parser("worker", help="run a Celery worker for one queue")
-    worker.add_argument("queue", choices=["inference", "audit"])
+    worker.add_argument("queue", choices=["inference", "audit", "scans"])
     worker.add_argument("--concurrency", type=int, default=None)
     worker.set_defaults(handler=cmd_worker)
 
@@ -400,6 +457,35 @@ def build_parser() -> argparse.ArgumentParser:
     webhook_remove = webhooks.add_parser("remove", help="stop sending to a webhook")
     webhook_remove.add_argument("id", type=int)
     webhook_remove.set_defaults(handler=cmd_webhooks_remove)
+
+    suspects = commands.add_parser("suspects", help="register and scan suspect endpoints").add_subparsers(
+        dest="suspects_command", required=True
+    )
+    suspect_add = suspects.add_parser("add", help="register an endpoint suspected of serving a copy")
+    suspect_add.add_argument("name")
+    suspect_add.add_argument("url")
+    suspect_add.add_argument("--model", required=True, help="our model it is thought to copy")
+    suspect_add.add_argument("--protocol", choices=["v2", "modelprint"], default="v2")
+    suspect_add.add_argument("--remote-model", default=None, help="the suspect's model name (default: ours)")
+    suspect_add.add_argument("--client", type=int, default=None, help="the client suspected of the theft")
+    suspect_add.add_argument("--interval", type=int, default=None, help="scan every N seconds")
+    suspect_add.add_argument(
+        "--header", action="append", default=[], help="'Name: value' sent to the suspect"
+    )
+    suspect_add.set_defaults(handler=cmd_suspects_add)
+    suspects.add_parser("list", help="list suspects").set_defaults(handler=cmd_suspects_list)
+    suspect_scan = suspects.add_parser("scan", help="scan a suspect now and wait for the verdict")
+    suspect_scan.add_argument("id", type=int)
+    suspect_scan.add_argument("--no-wait", action="store_true")
+    suspect_scan.set_defaults(handler=cmd_suspects_scan)
+
+    scans = commands.add_parser("scans", help="scan results").add_subparsers(
+        dest="scans_command", required=True
+    )
+    report = scans.add_parser("report", help="print a scan's evidence report (HTML or JSON)")
+    report.add_argument("id", type=int)
+    report.add_argument("--format", choices=["html", "json"], default="html")
+    report.set_defaults(handler=cmd_scans_report)
     return parser
 
 

@@ -107,6 +107,24 @@ class OperatorClient:
     def deactivate_webhook(self, webhook_id: int) -> dict[str, Any]:
         return _checked(self.http.delete(f"/v1/webhooks/{webhook_id}"))
 
+    def create_suspect(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _checked(self.http.post("/v1/suspects", json=body))
+
+    def list_suspects(self) -> list[dict[str, Any]]:
+        return _checked(self.http.get("/v1/suspects"))
+
+    def scan_suspect(self, suspect_id: int) -> dict[str, Any]:
+        return _checked(self.http.post(f"/v1/suspects/{suspect_id}/scans"))
+
+    def get_scan(self, scan_id: int) -> dict[str, Any]:
+        return _checked(self.http.get(f"/v1/scans/{scan_id}"))
+
+    def scan_report(self, scan_id: int, report_format: str = "html") -> str:
+        response = self.http.get(f"/v1/scans/{scan_id}/report", params={"format": report_format})
+        if not response.is_success:
+            _checked(response)
+        return response.text
+
     def deploy_model(self, name: str, model_file: Path, reference_data: Path | None = None) -> dict[str, Any]:
         files: dict[str, tuple[str, bytes, str]] = {
             "file": (model_file.name, model_file.read_bytes(), "application/octet-stream")

@@ -1,17 +1,39 @@
-"""`modelprint demo`: bring the stack up, deploy the paper's ECG model, show a fingerprinted prediction."""
+"""`modelprint demo`: the whole story on the embedded stack, from a fingerprinted answer to a theft verdict.
+
+1. train and deploy the paper's ECG model; 2. create an honest client and a thief; 3. the honest
+client sends ordinary traffic, the thief extracts the model through the gateway and serves a
+surrogate on 127.0.0.1 (Open Inference Protocol); 4. an independent company serves its own model;
+5. the operator registers both as suspects and scans them; 6. alerts, verdicts and reports.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
 
+from modelprint.attacks import ecg_sampler, natural_queries
 from modelprint.client import GatewayClient, OperatorClient
 from modelprint.stack import AlreadyRunningError, Stack
+from modelprint.v2server import V2Server
 from shared.config import Settings, load_secrets
+from shared.ecg import generate_ecg
 from shared.fingerprint import get_scheme
+
+THIEF_QUERIES = 1500
+HONEST_QUERIES = 600
+BATCH = 50
+SURROGATE = "thief's surrogate"
+INDEPENDENT = "independent company"
 
 
 def _say(step: str, text: str) -> None:
@@ -20,7 +42,9 @@ def _say(step: str, text: str) -> None:
 
 @contextmanager
 def running_stack(settings: Settings, keep_running: bool) -> Iterator[Stack | None]:
-    """Use a stack already running on this data dir, or start one for the demo."""
+    """Use a stack already running on this data dir, or start one for the demo (and stop it after)."""
+    # The demo's suspects are served on 127.0.0.1, which the scan SSRF guard refuses unless allowed.
+    os.environ.setdefault("MODELPRINT_SCAN_ALLOWED_HOSTS", "127.0.0.1")
     stack = Stack(settings)
     try:
         stack.start()
@@ -39,66 +63,165 @@ def running_stack(settings: Settings, keep_running: bool) -> Iterator[Stack | No
         _say("stack", f"stopped; data kept in {settings.data_dir}")
 
 
+def _send_all(
+    gateway: GatewayClient, model: str, rows: np.ndarray, label: str
+) -> tuple[np.ndarray, np.ndarray]:
+    labels: list[str] = []
+    probabilities: list[list[float]] = []
+    for start in tqdm(range(0, rows.shape[0], BATCH), desc=label, unit="req", leave=False):
+        answer = gateway.predict(model, rows[start : start + BATCH].tolist())
+        labels.extend(p["label"] for p in answer["predictions"])
+        probabilities.extend(p["probabilities"] for p in answer["predictions"])
+    return np.array(labels), np.array(probabilities)
+
+
+def _wait_for_scan(operator: OperatorClient, scan_id: int, label: str) -> dict[str, Any]:
+    with tqdm(desc=f"scanning {label}", bar_format="{desc}: {elapsed}", leave=False) as progress:
+        while True:
+            scan = operator.get_scan(scan_id)
+            if scan["status"] in ("done", "failed"):
+                return scan
+            time.sleep(0.5)
+            progress.update()
+
+
 def run_demo(settings: Settings, keep_running: bool = False) -> int:
-    """Walk through one fingerprinted prediction on the embedded stack; returns an exit code."""
+    """Run the whole story; returns 0 when every outcome is the expected one."""
     from modelprint.training import save_model, save_reference_data, train_ecg_model
 
     started = time.monotonic()
     _say(
-        "1/5", f"starting modelprint on {settings.data_dir} (embedded Redis and PostgreSQL unless configured)"
+        "1/6", f"starting modelprint on {settings.data_dir} (embedded Redis and PostgreSQL unless configured)"
     )
     with running_stack(settings, keep_running):
         secrets = load_secrets(settings)
-        _say("2/5", "training the paper's model: synthetic ECG (1,200 x 80, 4 rhythms), MLP (64, 32)")
+        operator = OperatorClient(settings.auditor_url, secrets.admin_token)
+        _say("1/6", "training the paper's model: synthetic ECG (1,200 x 80, 4 rhythms), MLP (64, 32)")
         trained = train_ecg_model()
         models_dir = settings.data_dir / "models"
         models_dir.mkdir(parents=True, exist_ok=True)
-        model_path = models_dir / "ecg-mlp.skops"
-        reference_path = models_dir / "ecg-mlp-reference.npz"
+        model_path, reference_path = models_dir / "ecg-mlp.skops", models_dir / "ecg-mlp-reference.npz"
         sha256 = save_model(trained.estimator, model_path)
         save_reference_data(trained.X_test, trained.y_test, reference_path)
-        with OperatorClient(settings.auditor_url, secrets.admin_token) as operator:
-            deployed = operator.deploy_model("ecg-mlp", model_path, reference_path)
-            _say(
-                "2/5",
-                f"test accuracy {trained.test_accuracy:.2%}; deployed ecg-mlp v{deployed['version']} "
-                f"(sha256 {sha256[:16]}...)",
-            )
-            client = operator.create_client("demo-hospital")
-            _say("3/5", f"created client {client['id']} ({client['name']}); its API key is shown only once")
+        deployed = operator.deploy_model("ecg-mlp", model_path, reference_path)
+        _say(
+            "1/6",
+            f"test accuracy {trained.test_accuracy:.2%}; deployed ecg-mlp v{deployed['version']} "
+            f"(sha256 {sha256[:16]}...)",
+        )
 
-            rows = trained.X_test[:5]
-            with GatewayClient(settings.gateway_url, client["api_key"]) as gateway:
-                answer = gateway.predict("ecg-mlp", rows.tolist())
-                v2 = gateway.infer_v2("ecg-mlp", trained.X_test[5:8].tolist())
-            returned = np.array([p["probabilities"] for p in answer["predictions"]])
-            clean = trained.estimator.predict_proba(rows)
-            expected = get_scheme("hmac-second-class").apply(clean, rows, secrets.active_key).probabilities
-            _say("4/5", "5 ECG windows through POST /v1/models/ecg-mlp/predict:")
-            print(f"      {'true rhythm':<26}{'returned label':<26}{'max |returned - clean|':>24}")
-            for index, prediction in enumerate(answer["predictions"]):
-                delta = float(np.abs(returned[index] - clean[index]).max())
-                print(f"      {trained.y_test[index]:<26}{prediction['label']:<26}{delta:>24.5f}")
-            same_labels = [p["label"] for p in answer["predictions"]] == list(trained.estimator.predict(rows))
-            print(f"      labels identical to the model's own: {same_labels}")
-            print(
-                "      probabilities equal the keyed HMAC fingerprint recomputed by the operator: "
-                f"{bool(np.allclose(returned, expected, atol=1e-12))}"
-            )
-            print(f"      Open Inference Protocol (/v2) labels: {v2['outputs'][1]['data']}")
+        honest = operator.create_client("st-marys-hospital")
+        thief = operator.create_client("shady-startup")
+        _say("2/6", f"clients: honest #{honest['id']} {honest['name']}, thief #{thief['id']} {thief['name']}")
 
-            deadline = time.monotonic() + 20
-            stored: list[dict[str, object]] = []
-            while time.monotonic() < deadline and len(stored) < 8:
-                stored = operator.all_queries(client["id"])
-                time.sleep(0.2)
-            _say("5/5", f"{len(stored)} of 8 answered rows are in PostgreSQL's audit history for this client")
-            if stored:
-                record = stored[0]
-                print(
-                    f"      first record: request {str(record['request_id'])[:12]}..., "
-                    f"label {record['label']}, "
-                    f"scheme {record['scheme']}, key id {record['key_id']} (never the key)"
+        honest_rows = natural_queries(ecg_sampler(np.random.default_rng(11)), HONEST_QUERIES)
+        with GatewayClient(settings.gateway_url, honest["api_key"]) as gateway:
+            labels, returned = _send_all(gateway, "ecg-mlp", honest_rows, "honest traffic")
+        clean = trained.estimator.predict_proba(honest_rows)
+        expected = get_scheme(settings.fingerprint_scheme, settings.fingerprint_alpha).apply(
+            clean, honest_rows, secrets.active_key
+        )
+        same_labels = bool(np.array_equal(labels, trained.estimator.predict(honest_rows)))
+        fingerprinted = bool(np.allclose(returned, expected.probabilities, atol=1e-12))
+        _say(
+            "3/6",
+            f"honest client: {HONEST_QUERIES} ECG windows answered; labels identical to the model's: "
+            f"{same_labels}; probabilities carry the keyed fingerprint: {fingerprinted}",
+        )
+
+        thief_rows = natural_queries(ecg_sampler(np.random.default_rng(22)), THIEF_QUERIES)
+        with GatewayClient(settings.gateway_url, thief["api_key"]) as gateway:
+            stolen_labels, _ = _send_all(gateway, "ecg-mlp", thief_rows, "thief extracting")
+        surrogate = make_pipeline(
+            StandardScaler(), MLPClassifier(hidden_layer_sizes=(64, 32), max_iter=1000, random_state=3)
+        )
+        surrogate.fit(thief_rows, stolen_labels)
+        surrogate_accuracy = float(surrogate.score(trained.X_test, trained.y_test))
+        agreement = float(
+            np.mean(surrogate.predict(trained.X_test) == trained.estimator.predict(trained.X_test))
+        )
+        classes = [str(c) for c in deployed["classes"]]
+        thief_server = V2Server("ecg", surrogate.predict_proba, classes).start()
+        _say(
+            "3/6",
+            f"thief: {THIEF_QUERIES} queries, surrogate accuracy {surrogate_accuracy:.2%}, agreement with "
+            f"ours {agreement:.2%}; serving it at {thief_server.url} (Open Inference Protocol)",
+        )
+
+        company_X, company_y = generate_ecg(1200, seed=7)
+        independent = RandomForestClassifier(n_estimators=200, random_state=0).fit(company_X, company_y)
+        company_server = V2Server("heart-rhythm", independent.predict_proba, classes).start()
+        independent_accuracy = float(independent.score(trained.X_test, trained.y_test))
+        _say(
+            "4/6",
+            f"independent company: its own 1,200 recordings, random forest, accuracy "
+            f"{independent_accuracy:.2%}; serving it at {company_server.url}",
+        )
+
+        try:
+            verdicts = {}
+            for label, server, client_id in (
+                (SURROGATE, thief_server, thief["id"]),
+                (INDEPENDENT, company_server, None),
+            ):
+                suspect = operator.create_suspect(
+                    {
+                        "name": label,
+                        "url": server.url,
+                        "protocol": "v2",
+                        "model": "ecg-mlp",
+                        "remote_model": server.name,
+                        "suspected_client_id": client_id,
+                    }
                 )
-    _say("done", f"demo finished in {time.monotonic() - started:.0f} s")
-    return 0 if len(stored) == 8 and same_labels else 1
+                scan = _wait_for_scan(operator, operator.scan_suspect(suspect["id"])["id"], label)
+                verdicts[label] = scan
+                outcome = (
+                    f"verdict {scan['verdict']}, p-value {scan['p_value']:.3g}"
+                    if scan["status"] == "done"
+                    else f"failed: {scan['error']}"
+                )
+                _say("5/6", f"scan of the {label}: {outcome}")
+        finally:
+            thief_server.stop()
+            company_server.stop()
+
+        deadline = time.monotonic() + 30
+        alerts: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            alerts = operator.list_alerts(status="open")
+            kinds = {(a["kind"], a["subject"]["id"]) for a in alerts}
+            if ("extraction_suspected", str(thief["id"])) in kinds:
+                break
+            time.sleep(1)
+        _say("6/6", "open alerts:")
+        for alert in alerts:
+            print(f"      #{alert['id']} [{alert['severity']}] {alert['kind']}: {alert['message'][:150]}")
+        reports_dir = settings.data_dir / "reports"
+        reports_dir.mkdir(exist_ok=True)
+        for label, scan in verdicts.items():
+            path = reports_dir / f"scan-{scan['id']}.html"
+            path.write_text(operator.scan_report(scan["id"]))
+            print(f"      evidence report for the {label}: {path}")
+        operator.close()
+
+    thief_flagged = any(
+        a["kind"] == "extraction_suspected" and a["subject"]["id"] == str(thief["id"]) for a in alerts
+    )
+    honest_flagged = any(a["subject"]["id"] == str(honest["id"]) for a in alerts)
+    ok = (
+        same_labels
+        and fingerprinted
+        and thief_flagged
+        and not honest_flagged
+        and verdicts[SURROGATE]["verdict"] == "stolen"
+        and verdicts[INDEPENDENT]["verdict"] != "stolen"
+    )
+    print(
+        "\nsummary: "
+        f"labels unchanged {same_labels}; thief flagged while extracting {thief_flagged}; honest client "
+        f"flagged {honest_flagged}; surrogate verdict {verdicts[SURROGATE]['verdict']}; "
+        f"independent model verdict {verdicts[INDEPENDENT]['verdict']}; "
+        f"{time.monotonic() - started:.0f} s"
+    )
+    return 0 if ok else 1

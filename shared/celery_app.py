@@ -6,7 +6,15 @@ from celery import Celery
 from kombu import Queue
 
 from shared.config import Settings
-from shared.names import ALL_QUEUES, QUEUE_AUDIT, QUEUE_INFERENCE, TASK_PREDICT, TASK_RECORD_QUERIES
+from shared.names import (
+    ALL_QUEUES,
+    QUEUE_AUDIT,
+    QUEUE_INFERENCE,
+    QUEUE_SCANS,
+    TASK_PREDICT,
+    TASK_RECORD_QUERIES,
+    TASK_RUN_SCAN,
+)
 
 
 def create_celery_app(settings: Settings, main: str = "modelprint") -> Celery:
@@ -24,7 +32,11 @@ def create_celery_app(settings: Settings, main: str = "modelprint") -> Celery:
         task_queues=[Queue(name) for name in ALL_QUEUES],
         task_default_queue=QUEUE_AUDIT,
         task_create_missing_queues=False,
-        task_routes={TASK_PREDICT: {"queue": QUEUE_INFERENCE}, TASK_RECORD_QUERIES: {"queue": QUEUE_AUDIT}},
+        task_routes={
+            TASK_PREDICT: {"queue": QUEUE_INFERENCE},
+            TASK_RECORD_QUERIES: {"queue": QUEUE_AUDIT},
+            TASK_RUN_SCAN: {"queue": QUEUE_SCANS},
+        },
         task_soft_time_limit=120,
         task_time_limit=180,
         broker_connection_retry_on_startup=True,

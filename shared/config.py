@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     auditor_host: str = "127.0.0.1"
     auditor_port: int = Field(default=8001, ge=0, le=65535)
 
+    # The fingerprint scheme: applied by inference workers, recomputed by scans.
+    fingerprint_scheme: str = "hmac-second-class"
+    fingerprint_alpha: float = Field(default=0.08, gt=0.0, le=1.0)
+
     # Celery / broker behaviour: an unacknowledged message returns to its queue after this long.
     broker_visibility_timeout: int = Field(default=300, ge=1)
 

@@ -242,3 +242,53 @@ def session_scope(database_url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+class Suspect(Base):
+    """An endpoint suspected of serving a copy of one of our models."""
+
+    __tablename__ = "suspects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    url: Mapped[str] = mapped_column(Text)
+    protocol: Mapped[str] = mapped_column(String(20))
+    model_name: Mapped[str] = mapped_column(String(100))
+    remote_model: Mapped[str] = mapped_column(String(200))
+    suspected_client_id: Mapped[int | None] = mapped_column(ForeignKey("clients.id"))
+    interval_seconds: Mapped[int | None] = mapped_column(Integer)
+    # Sent to the suspect (e.g. its API key); never returned by our API.
+    headers: Mapped[dict[str, str]] = mapped_column(JSONB, default=dict)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    next_scan_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Scan(Base):
+    """One run of the theft tests against a suspect, with its verdict and evidence report."""
+
+    __tablename__ = "scans"
+    __table_args__ = (
+        # At most one queued or running scan per suspect: scans never pile up.
+        Index(
+            "uq_scans_active_suspect",
+            "suspect_id",
+            unique=True,
+            postgresql_where=text("status IN ('queued', 'running')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    suspect_id: Mapped[int] = mapped_column(ForeignKey("suspects.id", ondelete="CASCADE"), index=True)
+    trigger: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    verdict: Mapped[str | None] = mapped_column(String(20))
+    p_value: Mapped[float | None] = mapped_column(Float(precision=53))
+    probes: Mapped[int | None] = mapped_column(Integer)
+    tests: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, default=list)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    report_html: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -13,6 +13,8 @@ TASK_SYNC_REGISTRY: Final = "audit.sync_registry"
 TASK_DELIVER_WEBHOOK: Final = "audit.deliver_webhook"
 TASK_SCORE_CLIENT: Final = "audit.score_client"
 TASK_SCORE_ALL: Final = "audit.score_all"
+TASK_RUN_SCAN: Final = "scans.run"
+TASK_DISPATCH_SCANS: Final = "scans.dispatch_due"
 
 # Redis keys. The auditor publishes the registry (API keys, deployed model versions) here from
 # PostgreSQL, which stays the source of truth; the gateway only reads them.

@@ -6,6 +6,8 @@ except the servers and the deployed models built here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 import uuid
@@ -89,8 +91,12 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
         # Score every 50 new queries, and catch up on the rest every 5 s.
         "MODELPRINT_SUSPICION_EVERY": "50",
         "MODELPRINT_SUSPICION_BEAT_SECONDS": "5",
-        # Test webhooks are served on loopback, which the SSRF guard refuses unless allowed.
+        # Test webhooks and suspects are served on loopback, which the SSRF guard refuses unless allowed.
         "MODELPRINT_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "MODELPRINT_SCAN_ALLOWED_HOSTS": "127.0.0.1",
+        "MODELPRINT_SCAN_DISPATCH_SECONDS": "2",
+        # A fixed fingerprint key: the statistical acceptance tests give the same p-values on every run.
+        "MODELPRINT_FINGERPRINT_KEYS": json.dumps({"k1": hashlib.sha256(b"modelprint test key").hexdigest()}),
     }
     previous = {
         key: os.environ.get(key) for key in [*overrides, "MODELPRINT_REDIS_URL", "MODELPRINT_DATABASE_URL"]
@@ -131,3 +137,26 @@ def small_model(running_stack: RunningStack, tmp_path_factory: pytest.TempPathFa
     with running_stack.operator() as operator:
         operator.deploy_model("small-mlp", model_path, reference_path)
     return DeployedTestModel("small-mlp", estimator, features, labels)
+
+
+@dataclass
+class EcgDeployment:
+    """The paper's ECG model, deployed with its held-out reference data."""
+
+    name: str
+    trained: Any
+    classes: list[str]
+
+
+@pytest.fixture(scope="session")
+def ecg(running_stack: RunningStack, tmp_path_factory: pytest.TempPathFactory) -> EcgDeployment:
+    """The ECG MLP (64, 32) deployed once for the session as `ecg-mlp`."""
+    from modelprint.training import save_model, save_reference_data, train_ecg_model
+
+    trained = train_ecg_model()
+    folder = tmp_path_factory.mktemp("ecg")
+    save_model(trained.estimator, folder / "ecg.skops")
+    save_reference_data(trained.X_test, trained.y_test, folder / "reference.npz")
+    with running_stack.operator() as operator:
+        deployed = operator.deploy_model("ecg-mlp", folder / "ecg.skops", folder / "reference.npz")
+    return EcgDeployment("ecg-mlp", trained, [str(label) for label in deployed["classes"]])

@@ -1,11 +1,12 @@
 """Operator API (port 8001): clients and keys, models, query histories. Bearer <admin token> on /v1."""
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -18,9 +19,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from services.auditor import alerts, service, suspicion
+from services.auditor import alerts, scans, service, suspicion
 from services.auditor.config import AuditorSettings
 from services.auditor.schemas import (
+    HEADER_NAME_PATTERN,
     ChainVerificationOut,
     ClientCreate,
     ClientCreated,
@@ -30,15 +32,21 @@ from services.auditor.schemas import (
     ModelVersionOut,
     QueryPage,
     QueryRecordOut,
+    ScanOut,
+    SuspectCreate,
+    SuspectOut,
+    SuspectUpdate,
     WebhookCreate,
     WebhookCreated,
     WebhookOut,
 )
+from shared.celery_app import create_celery_app
 from shared.config import load_secrets
-from shared.db import Client, Model, ModelVersion, Webhook, WebhookDelivery, session_factory
+from shared.db import Client, Model, ModelVersion, Scan, Suspect, Webhook, WebhookDelivery, session_factory
 from shared.http import ApiError, install_error_handlers
 from shared.modelfile import ModelFileError
-from shared.netguard import UnsafeUrlError, parse_host_list
+from shared.names import QUEUE_SCANS, TASK_RUN_SCAN
+from shared.netguard import UnsafeUrlError, check_outbound_url, parse_host_list
 from shared.security import bearer_token, tokens_match
 
 logger = logging.getLogger(__name__)
@@ -101,6 +109,27 @@ def _webhook_out(webhook: Webhook) -> WebhookOut:
     )
 
 
+def _suspect_out(suspect: Suspect) -> SuspectOut:
+    return SuspectOut(
+        id=suspect.id,
+        name=suspect.name,
+        url=suspect.url,
+        protocol=suspect.protocol,
+        model=suspect.model_name,
+        remote_model=suspect.remote_model,
+        suspected_client_id=suspect.suspected_client_id,
+        interval_seconds=suspect.interval_seconds,
+        paused=suspect.paused,
+        header_names=sorted(suspect.headers or {}),
+        created_at=suspect.created_at,
+        next_scan_at=suspect.next_scan_at,
+    )
+
+
+def _scan_out(scan: Scan) -> ScanOut:
+    return ScanOut.model_validate(scan, from_attributes=True)
+
+
 def create_app(settings: AuditorSettings | None = None) -> FastAPI:
     """The operator API application."""
     settings = settings or AuditorSettings()
@@ -144,7 +173,9 @@ def create_app(settings: AuditorSettings | None = None) -> FastAPI:
         finally:
             session.close()
 
-    SessionDep = Annotated[Session, Depends(db_session)]
+    # scope="function": commit before the response is sent, so a client that reads back what it just
+    # wrote (or a task queued right after) sees it; the default scope commits after the response.
+    SessionDep = Annotated[Session, Depends(db_session, scope="function")]
     admin = [Depends(require_admin)]
 
     @app.get("/healthz")
@@ -368,6 +399,125 @@ def create_app(settings: AuditorSettings | None = None) -> FastAPI:
             .limit(200)
         )
         return [DeliveryOut.model_validate(delivery, from_attributes=True) for delivery in deliveries]
+
+    # -- suspects and scans ---------------------------------------------------------------------
+
+    scan_hosts = parse_host_list(settings.scan_allowed_hosts)
+    celery = create_celery_app(settings, main="modelprint-auditor-api")
+
+    def _suspect_or_404(session: Session, suspect_id: int) -> Suspect:
+        suspect = session.get(Suspect, suspect_id)
+        if suspect is None:
+            raise ApiError(404, f"no suspect with id {suspect_id}")
+        return suspect
+
+    def _check_suspect(session: Session, url: str | None, model: str | None, client_id: int | None) -> None:
+        if url is not None:
+            try:
+                check_outbound_url(url, scan_hosts, "MODELPRINT_SCAN_ALLOWED_HOSTS")
+            except UnsafeUrlError as exc:
+                raise ApiError(422, f"suspect URL refused: {exc}") from exc
+        if model is not None and session.scalar(select(Model).where(Model.name == model)) is None:
+            raise ApiError(422, f"no model named {model!r} is deployed here")
+        if client_id is not None and session.get(Client, client_id) is None:
+            raise ApiError(422, f"no client with id {client_id}")
+
+    def _check_headers(headers: dict[str, str] | None) -> None:
+        if headers is None:
+            return
+        if len(headers) > 20 or any(not re.fullmatch(HEADER_NAME_PATTERN, name) for name in headers):
+            raise ApiError(422, "headers: at most 20, names of letters, digits and dashes")
+
+    @app.post("/v1/suspects", status_code=201, dependencies=admin)
+    def create_suspect(body: SuspectCreate, session: SessionDep) -> SuspectOut:
+        _check_suspect(session, str(body.url), body.model, body.suspected_client_id)
+        _check_headers(body.headers)
+        suspect = Suspect(
+            name=body.name,
+            url=str(body.url),
+            protocol=body.protocol,
+            model_name=body.model,
+            remote_model=body.remote_model or body.model,
+            suspected_client_id=body.suspected_client_id,
+            interval_seconds=body.interval_seconds,
+            headers=body.headers,
+            paused=False,
+        )
+        session.add(suspect)
+        session.flush()
+        return _suspect_out(suspect)
+
+    @app.get("/v1/suspects", dependencies=admin)
+    def list_suspects(session: SessionDep) -> list[SuspectOut]:
+        return [_suspect_out(s) for s in session.scalars(select(Suspect).order_by(Suspect.id))]
+
+    @app.get("/v1/suspects/{suspect_id}", dependencies=admin)
+    def get_suspect(suspect_id: int, session: SessionDep) -> SuspectOut:
+        return _suspect_out(_suspect_or_404(session, suspect_id))
+
+    @app.patch("/v1/suspects/{suspect_id}", dependencies=admin)
+    def update_suspect(suspect_id: int, body: SuspectUpdate, session: SessionDep) -> SuspectOut:
+        suspect = _suspect_or_404(session, suspect_id)
+        changes = body.model_dump(exclude_unset=True)
+        _check_suspect(session, str(body.url) if body.url else None, None, body.suspected_client_id)
+        _check_headers(body.headers)
+        for field, value in changes.items():
+            setattr(suspect, field, str(value) if field == "url" else value)
+        if "interval_seconds" in changes or changes.get("paused") is False:
+            suspect.next_scan_at = None  # due at the next dispatch
+        session.flush()
+        return _suspect_out(suspect)
+
+    @app.delete("/v1/suspects/{suspect_id}", status_code=204, dependencies=admin)
+    def delete_suspect(suspect_id: int, session: SessionDep) -> Response:
+        session.delete(_suspect_or_404(session, suspect_id))
+        return Response(status_code=204)
+
+    @app.post("/v1/suspects/{suspect_id}/scans", status_code=202, dependencies=admin)
+    def scan_now(suspect_id: int, session: SessionDep) -> ScanOut:
+        suspect = _suspect_or_404(session, suspect_id)
+        scan, created = scans.queue_scan(session, suspect, "manual")
+        session.commit()
+        if created:
+            try:
+                celery.send_task(TASK_RUN_SCAN, args=[scan.id], queue=QUEUE_SCANS)
+            except Exception as exc:  # the broker is down: do not leave a queued scan nobody will run
+                scan.status, scan.finished_at = "failed", datetime.now(UTC)
+                scan.error = f"could not queue the scan: {type(exc).__name__}"
+                session.commit()
+                raise ApiError(503, "the task broker (Redis) is unreachable; try again shortly") from exc
+        return _scan_out(scan)
+
+    @app.get("/v1/suspects/{suspect_id}/scans", dependencies=admin)
+    def list_scans(suspect_id: int, session: SessionDep) -> list[ScanOut]:
+        _suspect_or_404(session, suspect_id)
+        rows = session.scalars(
+            select(Scan).where(Scan.suspect_id == suspect_id).order_by(Scan.id.desc()).limit(100)
+        )
+        return [_scan_out(scan) for scan in rows]
+
+    def _scan_or_404(session: Session, scan_id: int) -> Scan:
+        scan = session.get(Scan, scan_id)
+        if scan is None:
+            raise ApiError(404, f"no scan with id {scan_id}")
+        return scan
+
+    @app.get("/v1/scans/{scan_id}", dependencies=admin)
+    def get_scan(scan_id: int, session: SessionDep) -> ScanOut:
+        return _scan_out(_scan_or_404(session, scan_id))
+
+    @app.get("/v1/scans/{scan_id}/report", dependencies=admin, response_model=None)
+    def scan_report(
+        scan_id: int, session: SessionDep, format: Annotated[Literal["html", "json"], Query()] = "html"
+    ) -> Response | dict[str, Any]:
+        scan = _scan_or_404(session, scan_id)
+        if scan.report is None:
+            raise ApiError(
+                409, f"scan {scan_id} is {scan.status}; the report exists once it is done or failed"
+            )
+        if format == "json":
+            return scan.report
+        return Response(scan.report_html or "", media_type="text/html; charset=utf-8")
 
     @app.post("/v1/models", status_code=201, dependencies=admin)
     async def deploy_model(

@@ -16,3 +16,18 @@ class AuditorSettings(Settings):
     # Score a client's new queries after this many new rows, and on a beat schedule.
     suspicion_every: int = Field(default=100, ge=1)
     suspicion_beat_seconds: float = Field(default=30.0, gt=0)
+    # Suspect scans: outbound probing limits and the decision level.
+    scan_allowed_hosts: str = ""
+    scan_max_probes: int = Field(default=5000, ge=10)
+    scan_batch_rows: int = Field(default=100, ge=1)
+    scan_timeout_seconds: float = Field(default=30.0, gt=0)
+    scan_max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    scan_retries: int = Field(default=3, ge=1)
+    # Logged queries of the suspected client replayed per scan: a thief's whole history where possible,
+    # since every replayed row adds power (a distilled surrogate at 1,500 queries needs all of them).
+    scan_replay_rows: int = Field(default=4000, ge=10)
+    scan_level: float = Field(default=0.001, gt=0, lt=1)
+    scan_dispatch_seconds: float = Field(default=10.0, gt=0)
+    scan_worker_concurrency: int = Field(default=1, ge=1)
+    # A scan still running after this long is stopped and marked failed (its reason says so).
+    scan_time_limit_seconds: int = Field(default=900, ge=30)

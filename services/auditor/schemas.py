@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, Field
 
@@ -107,3 +108,57 @@ class DeliveryOut(BaseModel):
     created_at: datetime
     last_attempt_at: datetime | None
     delivered_at: datetime | None
+
+
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9-]{1,100}$"
+
+
+class SuspectCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    url: AnyHttpUrl = Field(description="Base URL of the suspect service, e.g. https://api.example.com")
+    protocol: Literal["v2", "modelprint"] = Field(description="v2: Open Inference Protocol; modelprint: /v1")
+    model: str = Field(description="Our model the suspect is thought to copy")
+    remote_model: str | None = Field(default=None, max_length=200, description="The suspect's model name")
+    suspected_client_id: int | None = None
+    interval_seconds: int | None = Field(default=None, ge=5, description="Scan on this schedule")
+    headers: dict[str, str] = Field(default_factory=dict, description="Sent to the suspect, e.g. its API key")
+
+
+class SuspectUpdate(BaseModel):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    url: AnyHttpUrl | None = None
+    remote_model: str | None = Field(default=None, max_length=200)
+    suspected_client_id: int | None = None
+    interval_seconds: int | None = Field(default=None, ge=5)
+    headers: dict[str, str] | None = None
+    paused: bool | None = None
+
+
+class SuspectOut(BaseModel):
+    id: int
+    name: str
+    url: str
+    protocol: str
+    model: str
+    remote_model: str
+    suspected_client_id: int | None
+    interval_seconds: int | None
+    paused: bool
+    header_names: list[str] = Field(description="Header values are stored but never shown")
+    created_at: datetime
+    next_scan_at: datetime | None
+
+
+class ScanOut(BaseModel):
+    id: int
+    suspect_id: int
+    trigger: str
+    status: str
+    verdict: str | None
+    p_value: float | None
+    probes: int | None
+    tests: list[dict[str, Any]]
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

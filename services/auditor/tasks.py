@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -10,15 +11,20 @@ import redis
 from celery.signals import worker_process_init
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from services.auditor import alerts, service, suspicion
+from services.auditor import alerts, scans, service, suspicion
 from services.auditor.config import AuditorSettings
+from services.auditor.probe import ProbeLimits
 from shared.celery_app import create_celery_app
-from shared.db import Client, session_scope
+from shared.config import load_secrets
+from shared.db import Client, Suspect, session_factory, session_scope
 from shared.logs import configure_logging
 from shared.names import (
     QUEUE_AUDIT,
+    QUEUE_SCANS,
     TASK_DELIVER_WEBHOOK,
+    TASK_DISPATCH_SCANS,
     TASK_RECORD_QUERIES,
+    TASK_RUN_SCAN,
     TASK_SCORE_ALL,
     TASK_SCORE_CLIENT,
     TASK_SYNC_REGISTRY,
@@ -36,6 +42,12 @@ app.conf.beat_schedule = {
         "schedule": settings.registry_sync_seconds,
         "options": {"queue": QUEUE_AUDIT, "expires": settings.registry_sync_seconds},
     },
+    "dispatch-scans": {
+        "task": TASK_DISPATCH_SCANS,
+        "schedule": settings.scan_dispatch_seconds,
+        # On the scans queue: the audit queue carries query records and must not wait behind scans.
+        "options": {"queue": QUEUE_SCANS, "expires": settings.scan_dispatch_seconds},
+    },
     "score-clients": {
         "task": TASK_SCORE_ALL,
         "schedule": settings.suspicion_beat_seconds,
@@ -44,6 +56,7 @@ app.conf.beat_schedule = {
 }
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
 profiles = suspicion.ProfileCache()
+kits = scans.KitCache()
 
 
 @lru_cache(maxsize=1)
@@ -145,3 +158,70 @@ def deliver_webhook(self: Any, delivery_id: int) -> str:
     if status == "retry":
         raise self.retry(countdown=min(300, 2 ** min(self.request.retries, 8)))
     return status
+
+
+def scan_config() -> scans.ScanConfig:
+    """The scan settings: keys, outbound probing limits, fingerprint strength and decision level."""
+    limits = ProbeLimits(
+        allowed_hosts=parse_host_list(settings.scan_allowed_hosts),
+        max_probes=settings.scan_max_probes,
+        batch_rows=settings.scan_batch_rows,
+        timeout_seconds=settings.scan_timeout_seconds,
+        max_response_bytes=settings.scan_max_response_bytes,
+        retries=settings.scan_retries,
+    )
+    return scans.ScanConfig(
+        secrets=load_secrets(settings),
+        limits=limits,
+        alpha=settings.fingerprint_alpha,
+        level=settings.scan_level,
+        replay_rows=settings.scan_replay_rows,
+    )
+
+
+@app.task(
+    name=TASK_RUN_SCAN,
+    autoretry_for=TRANSIENT_DB_ERRORS,
+    retry_backoff=True,
+    max_retries=5,
+    soft_time_limit=settings.scan_time_limit_seconds,
+    time_limit=settings.scan_time_limit_seconds + 60,
+)
+def run_scan(scan_id: int) -> str:
+    """Run one suspect scan; a `stolen` verdict raises a theft_detected alert."""
+    scan = scans.execute_scan(session_factory(_database_url()), scan_id, scan_config(), kits)
+    if scan.verdict == "stolen":
+        with session_scope(_database_url()) as session:
+            suspect = session.get(Suspect, scan.suspect_id)
+            name = suspect.name if suspect else str(scan.suspect_id)
+        raise_and_notify(
+            alerts.KIND_THEFT_DETECTED,
+            "critical",
+            "suspect",
+            str(scan.suspect_id),
+            f"Suspect {name!r} serves a copy of our model (scan {scan.id}, p = {scan.p_value:.3g}). "
+            f"Evidence report: /v1/scans/{scan.id}/report",
+            {"scan_id": scan.id, "p_value": scan.p_value, "verdict": scan.verdict},
+        )
+    return scan.status
+
+
+@app.task(name=TASK_DISPATCH_SCANS)
+def dispatch_due_scans() -> int:
+    """Beat: fail scans whose worker died, then queue every due scheduled suspect with no active scan."""
+    # No retry on a database error: beat calls again in MODELPRINT_SCAN_DISPATCH_SECONDS.
+    now = datetime.now(UTC)
+    # A running scan is bounded by its hard time limit; one older than that (plus the broker's
+    # redelivery delay) lost its worker and would block its suspect forever.
+    hard_limit = settings.scan_time_limit_seconds + 60
+    stale_after = timedelta(seconds=hard_limit + settings.broker_visibility_timeout)
+    queued: list[int] = []
+    with session_scope(_database_url()) as session:
+        scans.fail_stale_scans(session, now - stale_after)
+        for suspect in scans.due_suspects(session, now):
+            scan, created = scans.queue_scan(session, suspect, "schedule")
+            if created:
+                queued.append(scan.id)
+    for scan_id in queued:
+        run_scan.apply_async(args=[scan_id], queue=QUEUE_SCANS)
+    return len(queued)

@@ -8,8 +8,6 @@ was flagged is printed (run with -s to see it) and recorded in the README.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,31 +20,13 @@ from modelprint.attacks import (
     uniform_random_queries,
 )
 from modelprint.client import GatewayClient
-from modelprint.training import TrainedModel, save_model, save_reference_data, train_ecg_model
-from tests.conftest import RunningStack, wait_until
+from tests.conftest import EcgDeployment, RunningStack, wait_until
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "ecg-suspicion"
+MODEL = "ecg-mlp"
 CHUNK = 50
 ATTACK_BUDGET = 500
-
-
-@dataclass
-class EcgDeployment:
-    trained: TrainedModel
-    classes: list[str]
-
-
-@pytest.fixture(scope="module")
-def ecg(running_stack: RunningStack, tmp_path_factory: pytest.TempPathFactory) -> EcgDeployment:
-    trained = train_ecg_model()
-    folder: Path = tmp_path_factory.mktemp("ecg")
-    save_model(trained.estimator, folder / "ecg.skops")
-    save_reference_data(trained.X_test, trained.y_test, folder / "reference.npz")
-    with running_stack.operator() as operator:
-        deployed = operator.deploy_model(MODEL, folder / "ecg.skops", folder / "reference.npz")
-    return EcgDeployment(trained, [str(label) for label in deployed["classes"]])
 
 
 def _suspicion(running_stack: RunningStack, client_id: int) -> dict[str, object]:
