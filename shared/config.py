@@ -198,6 +198,11 @@ def load_secrets(settings: Settings) -> Secrets:
 
     keys: dict[str, str] = {}
     active: str | None = settings.fingerprint_active_key
+    if settings.fingerprint_keys and settings.fingerprint_keys_file is not None:
+        # Silently preferring one would answer with keys the operator did not mean to use.
+        raise SecretsError(
+            "both MODELPRINT_FINGERPRINT_KEYS and MODELPRINT_FINGERPRINT_KEYS_FILE are set; keep one of them"
+        )
     if settings.fingerprint_keys:
         keys = {key_id: secret.get_secret_value() for key_id, secret in settings.fingerprint_keys.items()}
     elif settings.fingerprint_keys_file is not None:

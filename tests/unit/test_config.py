@@ -52,11 +52,21 @@ def test_environment_keys_take_precedence_and_need_an_active_key(tmp_path: Path)
         load_secrets(settings.model_copy(update={"fingerprint_active_key": "missing"}))
 
 
-def test_keys_file(tmp_path: Path) -> None:
+def test_keys_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The session's test stack exports its own keys; this test is about the file alone.
+    monkeypatch.delenv("MODELPRINT_FINGERPRINT_KEYS", raising=False)
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(json.dumps({"keys": {"2026-q4": "c" * 64}, "active": "2026-q4"}))
     settings = Settings(data_dir=tmp_path, admin_token="t" * 40, fingerprint_keys_file=keys_file)
     assert load_secrets(settings).active_key_id == "2026-q4"
+    both = Settings(
+        data_dir=tmp_path,
+        admin_token="t" * 40,
+        fingerprint_keys_file=keys_file,
+        fingerprint_keys={"k1": "d" * 64},
+    )
+    with pytest.raises(SecretsError, match="keep one of them"):
+        load_secrets(both)
 
 
 def test_missing_secrets_say_what_to_do(tmp_path: Path) -> None:
