@@ -21,7 +21,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from modelprint.attacks import ecg_sampler, natural_queries
+from modelprint.attacks import ecg_sampler, natural_queries, perturbation_pair_queries
 from modelprint.client import GatewayClient, OperatorClient
 from modelprint.stack import AlreadyRunningError, Stack
 from modelprint.v2server import V2Server
@@ -129,7 +129,10 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
             f"{same_labels}; probabilities carry the keyed fingerprint: {fingerprinted}",
         )
 
-        thief_rows = natural_queries(ecg_sampler(np.random.default_rng(22)), THIEF_QUERIES)
+        # The thief has a few hundred recordings of its own, not the hospital's data, and stretches them
+        # the usual way: each recording, then a slightly perturbed copy (local boundary probing).
+        own_recordings = natural_queries(ecg_sampler(np.random.default_rng(22)), THIEF_QUERIES // 2)
+        thief_rows = perturbation_pair_queries(own_recordings, THIEF_QUERIES, np.random.default_rng(23))
         with GatewayClient(settings.gateway_url, thief["api_key"]) as gateway:
             stolen_labels, _ = _send_all(gateway, "ecg-mlp", thief_rows, "thief extracting")
         surrogate = make_pipeline(
@@ -144,7 +147,8 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
         thief_server = V2Server("ecg", surrogate.predict_proba, classes).start()
         _say(
             "3/6",
-            f"thief: {THIEF_QUERIES} queries, surrogate accuracy {surrogate_accuracy:.2%}, agreement with "
+            f"thief: {THIEF_QUERIES} queries ({THIEF_QUERIES // 2} own recordings + perturbed copies), "
+            f"surrogate accuracy {surrogate_accuracy:.2%}, agreement with "
             f"ours {agreement:.2%}; serving it at {thief_server.url} (Open Inference Protocol)",
         )
 
@@ -205,10 +209,11 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
             print(f"      evidence report for the {label}: {path}")
         operator.close()
 
-    thief_flagged = any(
-        a["kind"] == "extraction_suspected" and a["subject"]["id"] == str(thief["id"]) for a in alerts
-    )
-    honest_flagged = any(a["subject"]["id"] == str(honest["id"]) for a in alerts)
+    def about_client(alert: dict[str, Any], client: dict[str, Any]) -> bool:
+        return bool(alert["subject"]["type"] == "client" and alert["subject"]["id"] == str(client["id"]))
+
+    thief_flagged = any(a["kind"] == "extraction_suspected" and about_client(a, thief) for a in alerts)
+    honest_flagged = any(about_client(a, honest) for a in alerts)
     ok = (
         same_labels
         and fingerprinted
