@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.fingerprint import DEFAULT_SCHEME, SCHEMES
+
 SECRETS_FILE_NAME = "secrets.json"
 MIN_SECRET_LENGTH = 32
 PLACEHOLDER_SECRETS = frozenset(
@@ -46,9 +48,10 @@ class Settings(BaseSettings):
     auditor_host: str = "127.0.0.1"
     auditor_port: int = Field(default=8001, ge=0, le=65535)
 
-    # The fingerprint scheme: applied by inference workers, recomputed by scans.
-    fingerprint_scheme: str = "hmac-second-class"
-    fingerprint_alpha: float = Field(default=0.08, gt=0.0, le=1.0)
+    # The fingerprint scheme: applied by inference workers, recomputed by scans. Its strength alpha
+    # defaults to the scheme's own (0.2 for hmac-all-classes, the paper's 0.08 for hmac-second-class).
+    fingerprint_scheme: str = DEFAULT_SCHEME
+    fingerprint_alpha: float | None = Field(default=None, gt=0.0, le=1.0)
 
     # Celery / broker behaviour: an unacknowledged message returns to its queue after this long.
     broker_visibility_timeout: int = Field(default=300, ge=1)
@@ -59,6 +62,13 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+
+    @field_validator("fingerprint_scheme")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if value not in SCHEMES:
+            raise ValueError(f"unknown fingerprint scheme {value!r}; known: {', '.join(sorted(SCHEMES))}")
+        return value
 
     @field_validator("data_dir")
     @classmethod

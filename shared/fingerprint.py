@@ -36,6 +36,25 @@ ties, as numpy does), ``logits = log(p + 1e-8)`` and::
 
 The ``min`` is this module's correction to the paper, whose unbounded step can lift the runner-up above
 the top class and so change the label a client sees.
+
+Scheme "hmac-all-classes" (modelprint's default)
+------------------------------------------------
+The paper's signal lives in one log-ratio per row, and its step acts on the log of a runner-up probability
+that is often tiny, so a surrogate that generalises well (a distilled MLP that has seen 1,500 answers)
+keeps too little of it to be told apart reliably (z of 3-6 over keys). This scheme moves *every* class's
+logit by its own keyed step of +alpha or -alpha, from the same one HMAC per row. For C classes, the row's
+message (the canonical message above) gives ``ceil(C / 256)`` digests: block 0 is
+``HMAC-SHA256(key, message)``, block b > 0 is ``HMAC-SHA256(key, message + b.to_bytes(4, "little"))``.
+Bit c of the concatenated digests (most significant bit of byte 0 first) gives the class's sign::
+
+    signal[c]      = +1.0 if bit c is set else -1.0
+    logits         = log(p + 1e-8)
+    logits'        = logits + lambda * alpha * signal     # lambda in [0, 1] per row
+    returned       = softmax(logits')
+
+``lambda`` is 1 unless the shift would let some class reach the top class; then it is the largest value
+(found in closed form, minus a safety margin) that keeps the top class strictly on top, so the label never
+changes. The shift applied to each class's logit is returned as ``logit_shift`` for detection.
 """
 
 from __future__ import annotations
@@ -51,6 +70,8 @@ import numpy as np
 
 DOMAIN_TAG: Final = b"modelprint.v1\x00"
 DEFAULT_ALPHA: Final = 0.08
+# Per-class logit step of "hmac-all-classes" (see the README's fingerprint section for how it was chosen).
+DEFAULT_ALL_CLASSES_ALPHA: Final = 0.2
 # Keeps log(0) finite; part of the published formula, so changing it changes every fingerprint.
 LOG_EPSILON: Final = 1e-8
 # Softmax is monotone in each logit, so a strict gap between the runner-up's and the top class's logit
@@ -71,7 +92,11 @@ class FingerprintResult:
     """Probabilities to return to the client and the log-space perturbation applied to each row."""
 
     probabilities: np.ndarray
+    # Per row, how far the runner-up-vs-top log-ratio was moved (the paper's statistic).
     perturbation: np.ndarray
+    # (rows, classes): what was added to each class's log(p + 1e-8) (the runner-up column only for the
+    # paper's scheme). Scans correlate a suspect's log-probabilities with it.
+    logit_shift: np.ndarray
 
 
 class FingerprintScheme(Protocol):
@@ -164,18 +189,25 @@ def second_vs_top_log_ratio(probabilities: np.ndarray) -> np.ndarray:
     return np.log(second_probability + LOG_EPSILON) - np.log(top_probability + LOG_EPSILON)
 
 
-class HmacSecondClassScheme:
-    """Paper's HMAC fingerprint on the runner-up class, bounded so the top-1 label never changes."""
+class _StrengthScheme:
+    """A scheme with a log-space step size alpha (finite, non-negative)."""
 
-    name: str = "hmac-second-class"
-
-    def __init__(self, alpha: float = DEFAULT_ALPHA) -> None:
+    def __init__(self, alpha: float) -> None:
         if not math.isfinite(alpha) or alpha < 0.0:
             raise ValueError(f"alpha must be a finite non-negative number, got {alpha!r}")
         self.alpha = float(alpha)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(alpha={self.alpha!r})"
+
+
+class HmacSecondClassScheme(_StrengthScheme):
+    """Paper's HMAC fingerprint on the runner-up class, bounded so the top-1 label never changes."""
+
+    name: str = "hmac-second-class"
+
+    def __init__(self, alpha: float = DEFAULT_ALPHA) -> None:
+        super().__init__(alpha)
 
     def apply(self, probabilities: np.ndarray, inputs: np.ndarray, key: bytes) -> FingerprintResult:
         """Perturb the runner-up class's logit by alpha * base, capped MARGIN below the top class's logit."""
@@ -193,17 +225,85 @@ class HmacSecondClassScheme:
         exponentials = np.exp(logits - top_logit[:, None])
         fingerprinted = exponentials / exponentials.sum(axis=1, keepdims=True)
 
-        # Classes other than the runner-up are not perturbed, but rounding in log, exp and the division can
-        # merge one that was a few ulps below the top class with it; if that class has the lower index,
-        # argmax's first-index rule would then pick it. Push any such class one ulp below the top class,
-        # which moves the row sum by a few ulps at most.
-        top_probability = np.take_along_axis(fingerprinted, top[:, None], axis=1)
-        class_index = np.arange(fingerprinted.shape[1])[None, :]
-        outranks_top = (fingerprinted > top_probability) | (
-            (fingerprinted == top_probability) & (class_index < top[:, None])
+        fingerprinted = _keep_top_on_top(fingerprinted, top)
+        logit_shift = np.zeros_like(logits)
+        np.put_along_axis(logit_shift, second[:, None], perturbation[:, None], axis=1)
+        return FingerprintResult(
+            probabilities=fingerprinted, perturbation=perturbation, logit_shift=logit_shift
         )
-        fingerprinted = np.where(outranks_top, np.nextafter(top_probability, 0.0), fingerprinted)
-        return FingerprintResult(probabilities=fingerprinted, perturbation=perturbation)
+
+
+def _keep_top_on_top(fingerprinted: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """Push any class that rounding merged with (or lifted above) the top class one ulp below it.
+
+    The perturbed logits keep the top class strictly largest, but rounding in log, exp and the division
+    can merge a class that was a few ulps below the top class with it; if that class has the lower index,
+    argmax's first-index rule would then pick it. Moving it one ulp down shifts the row sum by a few ulps.
+    """
+    top_probability = np.take_along_axis(fingerprinted, top[:, None], axis=1)
+    class_index = np.arange(fingerprinted.shape[1])[None, :]
+    outranks_top = (fingerprinted > top_probability) | (
+        (fingerprinted == top_probability) & (class_index < top[:, None])
+    )
+    result: np.ndarray = np.where(outranks_top, np.nextafter(top_probability, 0.0), fingerprinted)
+    return result
+
+
+_SIGNALS_PER_DIGEST: Final = 256  # one sign per bit of an HMAC-SHA256 digest
+
+
+def hmac_class_signs(inputs: np.ndarray, n_classes: int, key: bytes) -> np.ndarray:
+    """Per-row, per-class keyed signs (+1.0 or -1.0) from HMAC-SHA256 of the canonical row (see above)."""
+    if len(key) == 0:
+        raise ValueError("fingerprint key must not be empty")
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be positive, got {n_classes}")
+    messages = canonical_messages(inputs)
+    blocks = -(-n_classes // _SIGNALS_PER_DIGEST)
+    suffixes = [b""] + [block.to_bytes(4, "little") for block in range(1, blocks)]
+    digests = b"".join(
+        hmac.digest(key, message + suffix, "sha256") for message in messages for suffix in suffixes
+    )
+    # Bit c of a row's digest stream, most significant bit of byte 0 first.
+    bits = np.unpackbits(np.frombuffer(digests, dtype=np.uint8).reshape(len(messages), -1), axis=1)
+    return bits[:, :n_classes].astype(np.float64) * 2.0 - 1.0
+
+
+class HmacAllClassesScheme(_StrengthScheme):
+    """Keyed HMAC step on every class's logit, scaled down per row where needed so the label never changes."""
+
+    name: str = "hmac-all-classes"
+
+    def __init__(self, alpha: float = DEFAULT_ALL_CLASSES_ALPHA) -> None:
+        super().__init__(alpha)
+
+    def apply(self, probabilities: np.ndarray, inputs: np.ndarray, key: bytes) -> FingerprintResult:
+        """Add alpha * signal to every logit, shrunk per row so the top class stays MARGIN above the rest."""
+        probabilities = _validated_probabilities(probabilities, inputs)
+        logits = np.log(probabilities + LOG_EPSILON)
+        top, second = _top_and_second(probabilities)
+        shift = self.alpha * hmac_class_signs(inputs, probabilities.shape[1], key)
+        top_logit = np.take_along_axis(logits, top[:, None], axis=1)
+        # Class c stays below the top class after a step lambda * shift while
+        # lambda * (shift_c - shift_top) < (logit_top - logit_c) - MARGIN; only classes that gain on the
+        # top class (positive difference) limit lambda.
+        gain = shift - np.take_along_axis(shift, top[:, None], axis=1)
+        room = (top_logit - logits) - MARGIN
+        with np.errstate(divide="ignore", invalid="ignore"):
+            limits = np.where(gain > 0.0, room / gain, np.inf)
+        scale = np.clip(limits.min(axis=1), 0.0, 1.0)
+        logit_shift = scale[:, None] * shift
+        shifted = logits + logit_shift
+        exponentials = np.exp(shifted - shifted.max(axis=1, keepdims=True))
+        fingerprinted = _keep_top_on_top(exponentials / exponentials.sum(axis=1, keepdims=True), top)
+        return FingerprintResult(
+            probabilities=fingerprinted,
+            perturbation=(
+                np.take_along_axis(logit_shift, second[:, None], axis=1)
+                - np.take_along_axis(logit_shift, top[:, None], axis=1)
+            )[:, 0],
+            logit_shift=logit_shift,
+        )
 
 
 class NoFingerprintScheme:
@@ -218,19 +318,29 @@ class NoFingerprintScheme:
         """Return a float64 copy of the probabilities and a zero perturbation per row."""
         probabilities = _validated_probabilities(probabilities, inputs)
         return FingerprintResult(
-            probabilities=probabilities.copy(), perturbation=np.zeros(probabilities.shape[0])
+            probabilities=probabilities.copy(),
+            perturbation=np.zeros(probabilities.shape[0]),
+            logit_shift=np.zeros_like(probabilities),
         )
 
 
-SCHEMES: dict[str, Callable[[float], FingerprintScheme]] = {
-    HmacSecondClassScheme.name: HmacSecondClassScheme,
+DEFAULT_SCHEME: Final = HmacAllClassesScheme.name
+
+# Each entry builds its scheme from a strength (None: the scheme's own default).
+SCHEMES: dict[str, Callable[[float | None], FingerprintScheme]] = {
+    HmacAllClassesScheme.name: lambda alpha: HmacAllClassesScheme(
+        DEFAULT_ALL_CLASSES_ALPHA if alpha is None else alpha
+    ),
+    HmacSecondClassScheme.name: lambda alpha: HmacSecondClassScheme(
+        DEFAULT_ALPHA if alpha is None else alpha
+    ),
     # The baseline has no strength parameter; alpha is accepted so every entry has the same signature.
     NoFingerprintScheme.name: lambda _alpha: NoFingerprintScheme(),
 }
 
 
-def get_scheme(name: str, alpha: float = DEFAULT_ALPHA) -> FingerprintScheme:
-    """Build the fingerprint scheme registered under `name` with strength `alpha`."""
+def get_scheme(name: str, alpha: float | None = None) -> FingerprintScheme:
+    """Build the fingerprint scheme registered under `name` with strength `alpha` (None: its default)."""
     try:
         make_scheme = SCHEMES[name]
     except KeyError:

@@ -27,6 +27,7 @@ from services.auditor.scanstats import (
 )
 from shared.config import Secrets
 from shared.db import Client, Model, ModelVersion, QueryRecord, Scan, Suspect
+from shared.fingerprint import FingerprintScheme
 from shared.modelfile import load_model_bytes
 
 logger = logging.getLogger(__name__)
@@ -111,9 +112,10 @@ class KitCache:
 
 
 def _sample_rows(
-    session: Session, client_id: int, model_name: str, limit: int, key_id: str, seed: int
+    session: Session, client_id: int, model_name: str, limit: int, marked_by: tuple[str, str], seed: int
 ) -> np.ndarray:
-    """A sample of the client's logged inputs, reproducible for a given seed (the scan id)."""
+    """A sample of the client's logged inputs answered under (scheme, key id), reproducible per seed."""
+    scheme_name, key_id = marked_by
     # Ordering by a hash of (id, seed) instead of random() lets a scan be re-run on the same rows.
     shuffle = func.md5(func.concat(cast(QueryRecord.id, String), ":", str(seed)))
     rows = session.execute(
@@ -121,6 +123,7 @@ def _sample_rows(
         .where(
             QueryRecord.client_id == client_id,
             QueryRecord.model_name == model_name,
+            QueryRecord.scheme == scheme_name,
             QueryRecord.key_id == key_id,
         )
         .order_by(shuffle)
@@ -155,11 +158,11 @@ def _test_payload(test: TestResult) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """What a scan needs from the settings: keys, probing limits, fingerprint strength, decision level."""
+    """What a scan needs from the settings: keys, probing limits, fingerprint scheme, decision level."""
 
     secrets: Secrets
     limits: ProbeLimits
-    alpha: float
+    scheme: FingerprintScheme
     level: float
     replay_rows: int
 
@@ -259,7 +262,7 @@ def _report_header(
 def _run(
     sessions: sessionmaker[Session], scan_id: int, config: ScanConfig, kits: KitCache, started: datetime
 ) -> dict[str, Any]:
-    secrets, limits, alpha, level = config.secrets, config.limits, config.alpha, config.level
+    secrets, limits, scheme, level = config.secrets, config.limits, config.scheme, config.level
     with sessions() as session:
         scan = session.get(Scan, scan_id)
         assert scan is not None
@@ -281,7 +284,7 @@ def _run(
         replay_inputs: list[tuple[Client, np.ndarray]] = []
         for client_id, limit in _replay_candidates(session, suspect, config.replay_rows):
             client = session.get(Client, client_id)
-            rows = _sample_rows(session, client_id, model.name, limit, key_id, seed=scan_id)
+            rows = _sample_rows(session, client_id, model.name, limit, (scheme.name, key_id), seed=scan_id)
             if client is not None and rows.shape[0] > 0:
                 replay_inputs.append((client, rows))
         chain = None
@@ -314,7 +317,7 @@ def _run(
     outcome = run_scan_tests(
         victim,
         secrets.fingerprint_keys[key_id],
-        alpha,
+        scheme,
         kit,
         control,
         replays,
@@ -329,7 +332,7 @@ def _run(
             "p_value": outcome.p_value,
             "level": outcome.level,
             "explanation": outcome.explanation,
-            "fingerprint": {"scheme": "hmac-second-class", "key_id": key_id, "alpha": alpha},
+            "fingerprint": {"scheme": scheme.name, "key_id": key_id, "alpha": getattr(scheme, "alpha", None)},
             "client": chain,
             "clients_tested": [
                 {"id": client.id, "name": client.name, "replayed": int(rows.shape[0])}

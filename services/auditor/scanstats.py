@@ -39,7 +39,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from shared.fingerprint import LOG_EPSILON, get_scheme
+from shared.fingerprint import FingerprintScheme
 
 __all__ = [
     "ReferenceKit",
@@ -52,7 +52,6 @@ __all__ = [
     "run_scan_tests",
 ]
 
-SCHEME_NAME = "hmac-second-class"
 # Below this many rows a replay set carries too little information for the watermark correlation.
 MIN_WATERMARK_ROWS = 20
 # The error-agreement test needs a few victim mistakes among the control inputs to say anything.
@@ -61,6 +60,8 @@ MIN_VICTIM_ERRORS = 5
 # data would. Their log-distances' spread is therefore not trusted below one nat (a factor e): a suspect
 # must be ~e^3.5 = 33 times closer than typical reference models before this test reaches p < 0.00025.
 MIN_LOG_DISTANCE_SD = 1.0
+# Probabilities below this are left out of the watermark correlation (their logits are surrogate noise).
+WATERMARK_LOG_FLOOR = 1e-4
 # Exact copies have distance 0; the floor keeps the log finite.
 DISTANCE_FLOOR = 1e-12
 # Per-row distances below this (float rounding, fingerprint noise on confident rows) count as equal.
@@ -206,18 +207,13 @@ def _victim_proba(victim: Any, X: np.ndarray, n_classes: int) -> np.ndarray:
     return np.asarray(victim.predict_proba(X), dtype=np.float64)
 
 
-def _top_second(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Top and runner-up class per row (first index on ties, as the fingerprint scheme does)."""
-    top = np.argmax(probs, axis=1)
-    masked = probs.copy()
-    masked[np.arange(probs.shape[0]), top] = -np.inf
-    return top, np.argmax(masked, axis=1)
-
-
-def _log_ratio(probs: np.ndarray, top: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """log p[second] - log p[top] for given (victim) top and second classes."""
-    rows = np.arange(probs.shape[0])
-    return np.log(probs[rows, second] + LOG_EPSILON) - np.log(probs[rows, top] + LOG_EPSILON)
+def _runner_up_profile(probs: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """Each row's probabilities over the classes other than `top`, renormalised (zeros if none is left)."""
+    rest = probs.copy()
+    rest[np.arange(probs.shape[0]), top] = 0.0
+    total = rest.sum(axis=1, keepdims=True)
+    profile: np.ndarray = rest / np.where(total > 0, total, 1.0)
+    return profile
 
 
 def _decision_p(parametric: float, empirical: float, beyond_all: bool) -> float:
@@ -244,8 +240,18 @@ def _label_replay_test(
     control_labels: np.ndarray,
     victim_control: np.ndarray,
     ref_control: list[np.ndarray],
+    victim_errors: tuple[int, int] | None,
 ) -> TestResult:
-    """Fewer disagreements on the replayed queries than on control, beyond what reference models show."""
+    """Fewer disagreements on the replayed queries than on control, beyond what reference models show,
+    and fewer than a model trained on the same queries with their true labels could have.
+
+    Two ways of not being a copy must both be ruled out. (1) An independent model: the reference models
+    give the null ratio of the replay and control disagreement rates. (2) A competitor that holds the
+    same inputs with true labels (e.g. the client's own records, also sent to us) fits them too, so it
+    disagrees with us on the replayed rows at least where we are wrong: our error rate, estimated on the
+    labelled control inputs (`victim_errors` = (mistakes, rows)), is a floor no such model goes below.
+    The p-value is the larger of the two.
+    """
     m, n = victim_replay.size, victim_control.size
     if m == 0 or n == 0:
         return _not_applicable(name, "No replayed rows or no control answers.")
@@ -281,7 +287,9 @@ def _label_replay_test(
         tails = stats.binom.cdf(d_replay, total, success)
         parametric = float(np.sum(_HERMITE_WEIGHTS * tails) / np.sum(_HERMITE_WEIGHTS))
     empirical = (1 + int(np.sum(null <= observed))) / (k + 1)
-    p = _decision_p(parametric, empirical, bool(np.all(null > observed)))
+    p_independent = _decision_p(parametric, empirical, bool(np.all(null > observed)))
+    floor_rate, p_floor = _error_floor_p(d_replay, m, victim_errors, min(1.0, math.exp(mu)))
+    p = max(p_independent, p_floor)
     agree_replay, agree_control = 1 - d_replay / m, 1 - d_control / n
     ref_gap = float(
         np.mean(
@@ -295,8 +303,14 @@ def _label_replay_test(
         f"The suspect disagrees with our labels on {d_replay} of {m} replayed queries and {d_control} of "
         f"{n} control inputs (rate ratio {math.exp(observed):.3g}); independent reference models show a "
         f"ratio of {math.exp(mu):.3g} (range {math.exp(null.min()):.3g}-{math.exp(null.max()):.3g}), "
-        f"p = {p:.3g}."
+        f"p = {p_independent:.3g}."
     )
+    if victim_errors is not None:
+        explanation += (
+            f" A model trained on these queries with their true labels would still disagree where we are "
+            f"wrong (about {floor_rate:.1%} of rows, from our error rate on labelled control inputs), "
+            f"p = {p_floor:.3g}; the test reports the larger, p = {p:.3g}."
+        )
     return TestResult(
         name,
         True,
@@ -319,8 +333,30 @@ def _label_replay_test(
             "null_log_ratio_mean": mu,
             "null_log_ratio_sd": sd,
             "reference_models": k,
+            "p_independent": p_independent,
+            "p_true_label_floor": p_floor,
+            "true_label_floor_rate": floor_rate,
         },
     )
+
+
+def _error_floor_p(
+    d_replay: int, m: int, victim_errors: tuple[int, int] | None, difficulty: float
+) -> tuple[float, float]:
+    """P(at most d_replay disagreements in m rows) for a perfect fit of the true labels.
+
+    Such a model disagrees with us exactly where we are wrong. Our error rate comes from the labelled
+    control inputs, with its uncertainty (Jeffreys posterior, averaged over 200 quantiles), scaled by
+    `difficulty` (<= 1, the references' replay/control disagreement ratio) when the replayed rows look
+    easier than the control inputs. Returns (floor rate, p); without labelled controls, (0, 0).
+    """
+    if victim_errors is None:
+        return 0.0, 0.0
+    errors, rows = victim_errors
+    quantiles = (np.arange(200) + 0.5) / 200
+    rates = stats.beta.ppf(quantiles, errors + 0.5, rows - errors + 0.5) * difficulty
+    p = float(np.mean(stats.binom.cdf(d_replay, m, rates)))
+    return float(np.mean(rates)), p
 
 
 def _output_replay_test(
@@ -342,9 +378,18 @@ def _output_replay_test(
     if ok_replay.sum() < 2 or ok_control.sum() < 2:
         return _not_applicable(name, "Too few replayed or control answers with probabilities.")
 
+    if replay_clean.shape[1] < 3:
+        return _not_applicable(
+            name, "With two classes the answer beyond its label is one number: no profile."
+        )
+
     def log_tv(p: np.ndarray, clean: np.ndarray, ok: np.ndarray) -> np.ndarray:
-        # Per-row log distance: rows where both are confident (~1e-4) and uncertain rows (~0.3) weigh alike.
-        tv: np.ndarray = np.log(0.5 * np.abs(p[ok] - clean[ok]).sum(axis=1) + LOG_DISTANCE_FLOOR)
+        # Only how the rest of the probability is split among the runner-up classes counts: a model trained
+        # on the same inputs with its own true labels fits their labels and confidence too, but only our
+        # answers teach the split. Per-row log distance: confident and uncertain rows weigh alike.
+        top = np.argmax(clean[ok], axis=1)
+        gap = _runner_up_profile(p[ok], top) - _runner_up_profile(clean[ok], top)
+        tv: np.ndarray = np.log(0.5 * np.abs(gap).sum(axis=1) + LOG_DISTANCE_FLOOR)
         return tv
 
     def contrast(p_replay: np.ndarray, p_control: np.ndarray) -> tuple[float, float]:
@@ -392,16 +437,11 @@ def _output_replay_test(
     )
 
 
-def _spearman_many(x: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Spearman correlation of one vector with each row of a matrix."""
-    rx = stats.rankdata(x)
-    rx = (rx - rx.mean()) / (rx.std() or 1.0)
-    ry = stats.rankdata(ys, axis=1)
-    ry = (ry - ry.mean(axis=1, keepdims=True)) / np.where(
-        ry.std(axis=1, keepdims=True) > 0, ry.std(axis=1, keepdims=True), 1.0
-    )
-    result: np.ndarray = (ry * rx[None, :]).mean(axis=1)
-    return result
+def _centred_log(probabilities: np.ndarray) -> np.ndarray:
+    """log(p) floored at WATERMARK_LOG_FLOOR, minus the row mean: logits up to the softmax's free constant."""
+    logs = np.log(np.clip(probabilities, WATERMARK_LOG_FLOOR, 1.0))
+    centred: np.ndarray = logs - logs.mean(axis=1, keepdims=True)
+    return centred
 
 
 def _watermark_replay_test(
@@ -409,12 +449,12 @@ def _watermark_replay_test(
     inputs: np.ndarray,
     answers: SuspectAnswers,
     clean: np.ndarray,
+    scheme: FingerprintScheme,
     key: bytes,
-    alpha: float,
     n_null_keys: int,
     rng: np.random.Generator,
 ) -> TestResult:
-    """Correlation of the suspect's log-ratio residual with the keyed perturbation, against random keys."""
+    """Correlation of the suspect's logit residual with the keyed logit shift, against random keys."""
     if answers.probabilities is None:
         return _not_applicable(name, "The suspect returns labels only, so the watermark cannot be read.")
     suspect = np.asarray(answers.probabilities, dtype=np.float64)
@@ -422,24 +462,24 @@ def _watermark_replay_test(
     if int(usable.sum()) < MIN_WATERMARK_ROWS:
         return _not_applicable(name, f"Fewer than {MIN_WATERMARK_ROWS} replayed rows with probabilities.")
     inputs, suspect, clean = inputs[usable], suspect[usable], clean[usable]
-    top, second = _top_second(clean)
-    clean_ratio = _log_ratio(clean, top, second)
-    residual = _log_ratio(suspect, top, second) - clean_ratio
-    # A surrogate's own approximation error dominates the residual and depends smoothly on how confident
-    # the victim is (it shrinks extreme log-ratios); removing a cubic trend in the clean log-ratio leaves
-    # the per-input part where the perturbation hides. Ranks keep the heavy-tailed errors of near-zero
-    # probabilities from dominating. Neither step looks at the key, so random keys stay a valid null.
-    z = (clean_ratio - clean_ratio.mean()) / (clean_ratio.std() or 1.0)
-    design = np.column_stack([np.ones_like(z), z, z**2, z**3])
-    coef, *_ = np.linalg.lstsq(design, residual, rcond=None)
-    residual = residual - design @ coef
-    scheme = get_scheme(SCHEME_NAME, alpha)
-    true_perturbation = scheme.apply(clean, inputs, key).perturbation
-    null_perturbations = np.vstack(
-        [scheme.apply(clean, inputs, rng.bytes(32)).perturbation for _ in range(n_null_keys)]
-    )
-    correlations = _spearman_many(residual, np.vstack([true_perturbation, null_perturbations]))
-    observed, null = float(correlations[0]), correlations[1:]
+    # The residual is how the suspect's logits differ from our clean model's on the rows we answered. A
+    # surrogate's own approximation error dominates it; the keyed shift we returned hides in it. Classes
+    # the victim gives less than the floor are left out: their logits are noise in any surrogate (and get
+    # clipped by rounding on the wire). Nothing here looks at the key, so random keys stay a valid null.
+    weights = clean > WATERMARK_LOG_FLOOR
+    residual = (_centred_log(suspect) - _centred_log(clean))[weights]
+    residual = residual - residual.mean()
+    residual_norm = float(np.linalg.norm(residual))
+
+    def correlation(candidate_key: bytes) -> float:
+        shift = scheme.apply(clean, inputs, candidate_key).logit_shift
+        marked = (shift - shift.mean(axis=1, keepdims=True))[weights]
+        marked = marked - marked.mean()
+        norm = float(np.linalg.norm(marked)) * residual_norm
+        return float(residual @ marked) / norm if norm > 0 else 0.0
+
+    observed = correlation(key)
+    null = np.array([correlation(rng.bytes(32)) for _ in range(n_null_keys)])
     null_sd = float(null.std(ddof=1)) if null.size > 1 else 0.0
     zscore = (observed - float(null.mean())) / null_sd if null_sd > 0 else 0.0
     parametric = float(stats.norm.sf(zscore))
@@ -447,8 +487,9 @@ def _watermark_replay_test(
     empirical = (1 + exceed) / (n_null_keys + 1)
     p = _decision_p(parametric, empirical, exceed == 0)
     explanation = (
-        f"On {inputs.shape[0]} replayed queries the suspect's outputs follow our keyed perturbation with "
-        f"rank correlation {observed:.3f} (z = {zscore:.2f} against {n_null_keys} random keys, of which "
+        f"On {inputs.shape[0]} replayed queries the suspect's outputs follow the keyed shift we returned "
+        f"({scheme.name}) with correlation {observed:.3f} (z = {zscore:.2f} against {n_null_keys} random "
+        f"keys, of which "
         f"{exceed} reach it), p = {p:.3g}."
     )
     return TestResult(
@@ -463,6 +504,7 @@ def _watermark_replay_test(
         null.tolist(),
         {
             "rows": int(inputs.shape[0]),
+            "scheme": scheme.name,
             "z": zscore,
             "null_mean": float(null.mean()),
             "null_sd": null_sd,
@@ -593,7 +635,7 @@ def _with_adjusted(test: TestResult, adjusted: float | None) -> TestResult:
 def run_scan_tests(
     victim: Any,
     key: bytes,
-    alpha: float,
+    scheme: FingerprintScheme,
     kit: ReferenceKit,
     control: SuspectAnswers,
     replays: list[ReplaySet],
@@ -617,6 +659,9 @@ def run_scan_tests(
     ref_probs = [_full_proba(model, control_inputs, n_classes) for model in kit.models]
     ref_control = [np.argmax(p, axis=1) for p in ref_probs]
 
+    victim_errors = (
+        None if true_labels is None else (int(np.sum(victim_control != true_labels)), int(true_labels.size))
+    )
     tests: list[TestResult] = []
     for replay in replays:
         suffix = f"[client {replay.client_id}]"
@@ -634,6 +679,7 @@ def run_scan_tests(
                 control_labels,
                 victim_control,
                 ref_control,
+                victim_errors,
             )
         )
         tests.append(
@@ -642,8 +688,8 @@ def run_scan_tests(
                 inputs,
                 replay.suspect,
                 replay_clean,
+                scheme,
                 key,
-                alpha,
                 n_null_keys,
                 rng,
             )

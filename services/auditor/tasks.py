@@ -17,6 +17,7 @@ from services.auditor.probe import ProbeLimits
 from shared.celery_app import create_celery_app
 from shared.config import load_secrets
 from shared.db import Client, Suspect, session_factory, session_scope
+from shared.fingerprint import get_scheme
 from shared.logs import configure_logging
 from shared.names import (
     QUEUE_AUDIT,
@@ -173,7 +174,7 @@ def scan_config() -> scans.ScanConfig:
     return scans.ScanConfig(
         secrets=load_secrets(settings),
         limits=limits,
-        alpha=settings.fingerprint_alpha,
+        scheme=get_scheme(settings.fingerprint_scheme, settings.fingerprint_alpha),
         level=settings.scan_level,
         replay_rows=settings.scan_replay_rows,
     )

@@ -6,7 +6,7 @@ import httpx
 import numpy as np
 import pytest
 
-from shared.fingerprint import get_scheme
+from shared.fingerprint import DEFAULT_SCHEME, get_scheme
 from tests.conftest import DeployedTestModel, RunningStack, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 def _expected(model: DeployedTestModel, rows: np.ndarray, stack: RunningStack) -> np.ndarray:
     clean = model.estimator.predict_proba(rows)
-    return get_scheme("hmac-second-class", 0.08).apply(clean, rows, stack.secrets.active_key).probabilities
+    return get_scheme(DEFAULT_SCHEME).apply(clean, rows, stack.secrets.active_key).probabilities
 
 
 def test_v1_predict_returns_model_labels_and_keyed_fingerprint(
@@ -102,7 +102,7 @@ def test_every_answered_row_reaches_postgresql(
     np.testing.assert_array_equal(stored_inputs, np.vstack(sent))
     np.testing.assert_array_equal(stored_probabilities, np.array(returned))
     assert {record["key_id"] for record in records} == {running_stack.secrets.active_key_id}
-    assert {record["scheme"] for record in records} == {"hmac-second-class"}
+    assert {record["scheme"] for record in records} == {DEFAULT_SCHEME}
     assert [record["label"] for record in records[:90]] == [
         str(label) for label in small_model.estimator.predict(np.vstack(sent[:3]))
     ]

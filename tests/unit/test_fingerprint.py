@@ -11,15 +11,19 @@ import pytest
 from scipy import stats
 
 from shared.fingerprint import (
+    DEFAULT_ALL_CLASSES_ALPHA,
+    DEFAULT_SCHEME,
     MARGIN,
     SCHEMES,
     FingerprintResult,
+    HmacAllClassesScheme,
     HmacSecondClassScheme,
     NoFingerprintScheme,
     canonical_messages,
     canonical_row_bytes,
     get_scheme,
     hmac_base,
+    hmac_class_signs,
     second_vs_top_log_ratio,
 )
 
@@ -453,11 +457,17 @@ def test_get_scheme_builds_registered_schemes() -> None:
     assert default_strength.alpha == ALPHA
     assert isinstance(get_scheme("none"), NoFingerprintScheme)
     assert get_scheme("none").name == "none"
-    assert set(SCHEMES) == {"hmac-second-class", "none"}
+    all_classes = get_scheme("hmac-all-classes")
+    assert isinstance(all_classes, HmacAllClassesScheme)
+    assert all_classes.alpha == DEFAULT_ALL_CLASSES_ALPHA
+    assert DEFAULT_SCHEME == "hmac-all-classes"
+    assert set(SCHEMES) == {"hmac-all-classes", "hmac-second-class", "none"}
 
 
 def test_get_scheme_rejects_unknown_names() -> None:
-    with pytest.raises(ValueError, match=r"unknown fingerprint scheme 'x'; known: hmac-second-class, none"):
+    with pytest.raises(
+        ValueError, match=r"unknown fingerprint scheme 'x'; known: hmac-all-classes, hmac-second-class, none"
+    ):
         get_scheme("x")
 
 
@@ -465,9 +475,13 @@ def test_get_scheme_rejects_unknown_names() -> None:
 def test_hmac_scheme_rejects_invalid_alpha(alpha: float) -> None:
     with pytest.raises(ValueError, match="alpha"):
         HmacSecondClassScheme(alpha=alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        HmacAllClassesScheme(alpha=alpha)
 
 
-@pytest.mark.parametrize("scheme", [HmacSecondClassScheme(), NoFingerprintScheme()], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "scheme", [HmacAllClassesScheme(), HmacSecondClassScheme(), NoFingerprintScheme()], ids=lambda s: s.name
+)
 @pytest.mark.parametrize(
     ("probabilities", "inputs", "message"),
     [
@@ -481,10 +495,85 @@ def test_hmac_scheme_rejects_invalid_alpha(alpha: float) -> None:
     ids=["1-d", "one-class", "row-mismatch", "1-d-inputs", "nan", "negative"],
 )
 def test_schemes_validate_shapes_and_values(
-    scheme: HmacSecondClassScheme | NoFingerprintScheme,
+    scheme: HmacAllClassesScheme | HmacSecondClassScheme | NoFingerprintScheme,
     probabilities: np.ndarray,
     inputs: np.ndarray,
     message: str,
 ) -> None:
     with pytest.raises(ValueError, match=message):
         scheme.apply(probabilities, inputs, KEY)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HmacAllClassesScheme: a keyed sign step on every class's logit, label preserved
+
+
+def test_class_signs_follow_the_documented_digest_bits() -> None:
+    rng = np.random.default_rng(5)
+    inputs = _random_inputs(rng, 7)
+    signs = hmac_class_signs(inputs, 300, KEY)
+    assert signs.shape == (7, 300)
+    for row, message in zip(signs, canonical_messages(inputs), strict=True):
+        stream = hmac.digest(KEY, message, "sha256") + hmac.digest(
+            KEY, message + (1).to_bytes(4, "little"), "sha256"
+        )
+        expected = [1.0 if stream[c // 8] >> (7 - c % 8) & 1 else -1.0 for c in range(300)]
+        np.testing.assert_array_equal(row, expected)
+    np.testing.assert_array_equal(hmac_class_signs(inputs, 4, KEY), signs[:, :4])
+    assert not np.array_equal(hmac_class_signs(inputs, 300, OTHER_KEY), signs)
+    with pytest.raises(ValueError, match="empty"):
+        hmac_class_signs(inputs, 4, b"")
+
+
+def test_class_signs_are_balanced_and_independent_across_classes() -> None:
+    signs = hmac_class_signs(_random_inputs(np.random.default_rng(6), 20_000), 4, KEY)
+    # Each class: share of +1 within 4 standard errors of 1/2; classes uncorrelated.
+    assert np.all(np.abs((signs > 0).mean(axis=0) - 0.5) < 4 * 0.5 / np.sqrt(20_000))
+    correlation = np.corrcoef(signs.T)[np.triu_indices(4, 1)]
+    assert np.all(np.abs(correlation) < 4 / np.sqrt(20_000))
+
+
+def test_all_classes_scheme_keeps_every_label_on_100k_rows_including_near_ties(
+    label_test_batches: list[tuple[str, np.ndarray, np.ndarray]],
+) -> None:
+    scheme = HmacAllClassesScheme(alpha=0.5)
+    for kind, probabilities, inputs in label_test_batches:
+        result = scheme.apply(probabilities, inputs, KEY)
+        returned = result.probabilities
+        context = f"{kind} rows with {probabilities.shape[1]} classes"
+        np.testing.assert_array_equal(np.argmax(returned, axis=1), np.argmax(probabilities, axis=1), context)
+        np.testing.assert_allclose(returned.sum(axis=1), 1.0, rtol=0, atol=1e-9, err_msg=context)
+        assert returned.min() >= 0.0, context
+        # The step never exceeds alpha on any class, and has the keyed sign wherever it is not shrunk to 0.
+        shift = result.logit_shift
+        assert shift.shape == probabilities.shape, context
+        assert np.all(np.abs(shift) <= 0.5 + 1e-12), context
+        signs = hmac_class_signs(inputs, probabilities.shape[1], KEY)
+        assert np.all((shift == 0) | (np.sign(shift) == signs)), context
+
+
+def test_all_classes_scheme_applies_the_full_step_on_well_separated_rows() -> None:
+    rng = np.random.default_rng(8)
+    inputs = _random_inputs(rng, 500)
+    probabilities = _softmax(np.column_stack([np.full(500, 6.0), rng.uniform(-2, 0, size=(500, 3))]))
+    result = HmacAllClassesScheme(alpha=0.2).apply(probabilities, inputs, KEY)
+    np.testing.assert_allclose(result.logit_shift, 0.2 * hmac_class_signs(inputs, 4, KEY), rtol=0, atol=1e-12)
+    # Returned logits (up to the softmax constant) moved by exactly the shift.
+    moved = np.log(result.probabilities) - np.log(probabilities + EPSILON)
+    centred = moved - moved.mean(axis=1, keepdims=True)
+    expected = result.logit_shift - result.logit_shift.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(centred, expected, rtol=0, atol=1e-6)
+
+
+def test_all_classes_scheme_shrinks_the_step_on_near_ties_instead_of_flipping() -> None:
+    inputs = _random_inputs(np.random.default_rng(9), 2_000)
+    probabilities = np.tile([0.5 + 1e-4, 0.5 - 1e-4], (2_000, 1))
+    result = HmacAllClassesScheme(alpha=0.3).apply(probabilities, inputs, KEY)
+    np.testing.assert_array_equal(np.argmax(result.probabilities, axis=1), 0)
+    signs = hmac_class_signs(inputs, 2, KEY)
+    # Where the runner-up would gain on the top class the step is scaled down to keep it MARGIN below.
+    gaining = signs[:, 1] > signs[:, 0]
+    assert gaining.any()
+    assert (~gaining).any()
+    assert np.all(np.abs(result.logit_shift[gaining]) < 0.3)
+    np.testing.assert_allclose(np.abs(result.logit_shift[~gaining]), 0.3, rtol=0, atol=1e-12)

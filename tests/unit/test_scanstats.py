@@ -31,10 +31,10 @@ from services.auditor.scanstats import (
     run_scan_tests,
 )
 from shared.ecg import generate_ecg
-from shared.fingerprint import get_scheme
+from shared.fingerprint import DEFAULT_SCHEME, get_scheme
 
 KEY = bytes(range(32))
-ALPHA = 0.08
+SCHEME = get_scheme(DEFAULT_SCHEME)
 LEVEL = 0.001
 MAX_REPLAY = 1000
 THIEF_QUERY_SEEDS = {400: 1001, 1500: 1002}
@@ -113,8 +113,7 @@ def kit(victim: TrainedModel) -> ReferenceKit:
 @pytest.fixture(scope="module")
 def api(victim: TrainedModel) -> Predictor:
     """What any client receives from our API: fingerprinted probabilities."""
-    scheme = get_scheme("hmac-second-class", ALPHA)
-    return lambda rows: scheme.apply(victim.estimator.predict_proba(rows), rows, KEY).probabilities
+    return lambda rows: SCHEME.apply(victim.estimator.predict_proba(rows), rows, KEY).probabilities
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +138,7 @@ def cases(victim: TrainedModel, api: Predictor, independent: dict[str, Any]) -> 
     n_classes = len(classes)
     out: list[Case] = []
     for n, seed in THIEF_QUERY_SEEDS.items():
-        queries, _ = generate_ecg(n, seed=seed)
+        queries, true_labels = generate_ecg(n, seed=seed)
         returned = api(queries)
         labels = np.argmax(returned, axis=1)
         replay = queries[:MAX_REPLAY]
@@ -162,6 +161,20 @@ def cases(victim: TrainedModel, api: Predictor, independent: dict[str, Any]) -> 
             ),
         }
         out += [Case(name, str(n), predict, replay, True) for name, predict in thieves.items()]
+        if n == 1500:
+            # Competitors that hold the very same inputs with their true labels (say the client's own
+            # records, which it also sent to us) and trained on those: they fitted the replayed rows, but
+            # never our answers, so they must not be called stolen.
+            competitors = {
+                "same inputs, true labels, MLP": make_pipeline(
+                    StandardScaler(),
+                    MLPClassifier(hidden_layer_sizes=(64, 32), max_iter=1000, random_state=5),
+                ),
+                "same inputs, true labels, forest": RandomForestClassifier(200, random_state=5, n_jobs=2),
+            }
+            for name, model in competitors.items():
+                _quietly(lambda m=model, X=queries, y=true_labels: m.fit(X, y))
+                out.append(Case(name, str(n), model.predict_proba, replay, False))
         if n == 400:
             # A label-only endpoint: only the label replay can speak.
             out.append(
@@ -204,7 +217,7 @@ def scans(
         if case.replay is not None:
             replays.append(ReplaySet(7, case.replay, _answers(case.predict, case.replay, case.label_only)))
         outcome = run_scan_tests(
-            victim.estimator, KEY, ALPHA, kit, control, replays, level=LEVEL, rng=np.random.default_rng(i)
+            victim.estimator, KEY, SCHEME, kit, control, replays, level=LEVEL, rng=np.random.default_rng(i)
         )
         results.append((case, outcome, time.perf_counter() - start))
     return results
@@ -306,7 +319,7 @@ def test_watermark_null_is_calibrated(
         outcome = run_scan_tests(
             victim.estimator,
             KEY,
-            ALPHA,
+            SCHEME,
             kit,
             control,
             [ReplaySet(i, rows, _answers(predict, rows))],
@@ -339,7 +352,7 @@ def test_too_few_probes_is_inconclusive(victim: TrainedModel, kit: ReferenceKit)
     control = _answers(victim.estimator.predict_proba, few)
     replay = ReplaySet(3, victim.X_test[:30], _answers(victim.estimator.predict_proba, victim.X_test[:30]))
     outcome = run_scan_tests(
-        victim.estimator, KEY, ALPHA, kit, control, [replay], n_null_keys=50, rng=np.random.default_rng(0)
+        victim.estimator, KEY, SCHEME, kit, control, [replay], n_null_keys=50, rng=np.random.default_rng(0)
     )
     assert outcome.verdict == "inconclusive"
     assert "Inconclusive" in outcome.explanation
@@ -348,7 +361,7 @@ def test_too_few_probes_is_inconclusive(victim: TrainedModel, kit: ReferenceKit)
 def test_no_applicable_test_is_inconclusive(victim: TrainedModel, kit: ReferenceKit) -> None:
     empty = ReferenceKit(models=kit.models, control_inputs=kit.control_inputs[:0], names=kit.names)
     control = SuspectAnswers(labels=np.zeros(0, dtype=np.int64), probabilities=None)
-    outcome = run_scan_tests(victim.estimator, KEY, ALPHA, empty, control, [])
+    outcome = run_scan_tests(victim.estimator, KEY, SCHEME, empty, control, [])
     assert outcome.verdict == "inconclusive"
     assert all(isinstance(t, TestResult) for t in outcome.tests)
 
