@@ -152,6 +152,27 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings, keep_running=args.keep_running)
 
 
+def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
+    from modelprint.experiments import ExperimentConfig, run_experiment, write_outputs
+
+    if args.setting == "paper" and args.dataset not in (None, "ecg"):
+        raise CliError("`experiment paper` is the ECG setting; drop `paper` to use --dataset")
+    dataset = args.dataset or "ecg"
+    out = Path(args.out or ("results/paper" if dataset == "ecg" else f"results/{dataset}"))
+    config = ExperimentConfig.make(
+        dataset,
+        trials=args.trials,
+        quick=args.quick,
+        out_dir=out,
+        command="modelprint " + " ".join(sys.argv[1:]),
+    )
+    results = run_experiment(config, settings if args.use_running else None)
+    paths = write_outputs(results, out)
+    print((out / "table.md").read_text())
+    print("wrote " + ", ".join(str(path) for path in paths))
+    return 0 if results["summary"]["scans_failed"] == 0 else 1
+
+
 # -- models and clients --------------------------------------------------------------------------------
 
 
@@ -364,6 +385,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="bring the stack up and walk through a fingerprinted prediction")
     demo.add_argument("--keep-running", action="store_true", help="leave the stack running afterwards")
     demo.set_defaults(handler=cmd_demo)
+
+    experiment = commands.add_parser(
+        "experiment", help="reproduce the paper's Table 1 (or run the same flow on another data set)"
+    )
+    experiment.add_argument("setting", nargs="?", choices=["paper"], help="the paper's ECG setting")
+    experiment.add_argument("--dataset", choices=["ecg", "breast-cancer", "digits"], default=None)
+    experiment.add_argument("--trials", type=int, default=None, help="trials (default 5; --quick: 1)")
+    experiment.add_argument(
+        "--quick", action="store_true", help="1 trial, one seed per independent model family"
+    )
+    experiment.add_argument(
+        "--out", default=None, help="output dir (default results/paper or results/<dataset>)"
+    )
+    experiment.add_argument(
+        "--use-running",
+        action="store_true",
+        help="use the stack the settings point at (default: start one on a temporary data dir)",
+    )
+    experiment.set_defaults(handler=cmd_experiment)
 
     commands.add_parser("migrate", help="apply database migrations (alembic upgrade head)").set_defaults(
         handler=cmd_migrate
