@@ -1,4 +1,4 @@
-"""`modelprint experiment`: the paper's Table 1 (Bhojanam & Mehta), reproduced through the real system.
+"""`modelprint experiment paper`: the paper's Table 1 (Bhojanam & Mehta), reproduced through the real system.
 
 For each trial a victim model is trained, deployed through the operator API and queried through the
 gateway, exactly as a customer would:
@@ -17,10 +17,14 @@ gateway, exactly as a customer would:
 4. **Detection**: every surrogate is served on 127.0.0.1 over the Open Inference Protocol
    (:class:`modelprint.v2server.V2Server`), registered as a suspect with its thief as the suspected
    client, and scanned through the operator API; each test's p-value and the verdict are recorded.
-5. **False positives**: independently trained models (MLP, random forest, gradient boosting, logistic
-   regression; several seeds; data seeds nobody else used) are served and scanned the same way, with one
-   of the thieves as the suspected client. Next to our verdict's false-positive rate, the paper's own
-   criterion (raw agreement with the victim on the test data above 0.9) is applied to the same models.
+5. **False positives**: independently trained models (MLP, random forest, logistic regression, k-NN,
+   gradient boosting; several seeds; data seeds nobody else used) are served and scanned the same way,
+   with one of the thieves as the suspected client. Next to our verdict's false-positive rate, the
+   paper's own criterion (raw agreement with the victim on the test data above 0.9) is applied to the
+   same models, and the paper's Mann-Whitney U test of surrogate against independent agreements.
+
+Every number comes from the system at run time: the fingerprint scheme, alpha and key id from the
+stack's settings, the decision level and the names of the scan tests from the scans' reports.
 
 Outputs (``--out``): ``table.md``, ``results.json`` (every number, per trial) and two PNG plots.
 """
@@ -31,38 +35,42 @@ import json
 import logging
 import os
 import platform
-import shutil
-import statistics
 import sys
 import tempfile
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import stats
 from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
-from sklearn.neural_network import MLPClassifier, MLPRegressor
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from modelprint.attacks import ecg_sampler, natural_queries
 from modelprint.client import GatewayClient, OperatorClient
-from modelprint.v2server import V2Server
+from modelprint.experiments.common import (
+    FAMILIES,
+    LABEL_KINDS,
+    Scanner,
+    describe,
+    experiment_stack,
+    p_text,
+    scan_level,
+    scan_test_names,
+    score,
+    train_classifier,
+    train_surrogate,
+    upper_95,
+)
+from modelprint.training import fit_quietly, mlp_pipeline, save_model, save_reference_data, train_ecg_model
 from shared.config import Settings, load_secrets
 from shared.ecg import generate_ecg
-from shared.fingerprint import LOG_EPSILON, get_scheme
+from shared.fingerprint import get_scheme
 
 __all__ = ["DATASETS", "ExperimentConfig", "run_experiment", "write_outputs"]
 
@@ -76,15 +84,9 @@ PAPER_TRAIN_SEED = 123
 # below lie in [900_000, 1e6), so no thief, victim or independent company ever shares a data seed.
 THIEF_SEED_BASE = 5_000
 INDEPENDENT_DATA_SEED_BASE = 900_000
-SCHEME = "hmac-second-class"
 TIMING_BATCH = 80
-GATEWAY_BATCH = 100
 AGREEMENT_THRESHOLD = 0.9  # the paper's criterion, as we read it: agreement with the victim above this
-DEFAULT_LEVEL = 0.001
 P_FLOOR = 1e-16  # p-values of 0 are drawn at this height on the log-scale plot
-TEST_NAMES = ("label_replay", "watermark_replay", "output_replay", "reference_agreement", "output_distance")
-FAMILIES = ("mlp", "random-forest", "gradient-boosting", "logistic-regression")
-SURROGATE_KINDS = ("soft", "hard")
 
 # Bhojanam & Mehta, Table 1 (ECG): budget -> (surrogate accuracy, agreement with the victim).
 PAPER_EXTRACTION = {150: (0.7200, 0.7167), 400: (0.9300, 0.9267), 1500: (0.9833, 0.9900)}
@@ -127,22 +129,7 @@ class Dataset:
     paper: bool = False
 
 
-def _quiet_fit(estimator: Any, X: np.ndarray, y: np.ndarray) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=ConvergenceWarning)
-        estimator.fit(X, y)
-    return estimator
-
-
-def _mlp_classifier(hidden: tuple[int, ...], seed: int) -> Pipeline:
-    return make_pipeline(
-        StandardScaler(), MLPClassifier(hidden_layer_sizes=hidden, max_iter=1000, random_state=seed)
-    )
-
-
 def _ecg_trial(trial: int) -> TrialData:
-    from modelprint.training import train_ecg_model
-
     data_seed, train_seed = PAPER_DATA_SEED + trial, PAPER_TRAIN_SEED + trial
     trained = train_ecg_model(data_seed=data_seed, train_seed=train_seed)
     victim = Victim(
@@ -177,7 +164,7 @@ def _bundled_trial(name: str, X: np.ndarray, y: np.ndarray, hidden: tuple[int, .
     X_victim, X_rest, y_victim, y_rest = split(X, y, 0.5)
     X_test, X_out, y_test, y_out = split(X_rest, y_rest, 0.6)
     X_thief, X_indep, _, y_indep = split(X_out, y_out, 0.5)
-    estimator = _quiet_fit(_mlp_classifier(hidden, train_seed), X_victim, y_victim)
+    estimator = fit_quietly(mlp_pipeline(hidden, train_seed), X_victim, y_victim)
     description = (
         f"StandardScaler + MLPClassifier{hidden} on {name} ({len(y_victim)} training rows, seed "
         f"{train_seed}; {len(y_test)} held out; {len(X_thief)} rows for thieves and {len(y_indep)} for "
@@ -234,13 +221,16 @@ class ExperimentConfig:
     dataset: str = "ecg"
     trials: int = 5
     quick: bool = False
-    out_dir: Path = Path("results/paper")
     # Seeds per independent family and trial (quick: 1).
     independent_seeds: int = 3
     timing_repeats: int = 300
     agreement_threshold: float = AGREEMENT_THRESHOLD
     command: str = ""
     progress: bool = True
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        return DATASETS[self.dataset].budgets
 
     @classmethod
     def make(
@@ -258,82 +248,12 @@ class ExperimentConfig:
         return config
 
 
-# -- the stack ------------------------------------------------------------------------------------------
-
-
-def _allow_loopback_scans() -> str | None:
-    """Suspects are served on 127.0.0.1, which the scan SSRF guard refuses unless the host is allowed.
-
-    Returns the previous value of MODELPRINT_SCAN_ALLOWED_HOSTS (the stack's services inherit it).
-    """
-    previous = os.environ.get("MODELPRINT_SCAN_ALLOWED_HOSTS")
-    hosts = [h.strip() for h in (previous or "").split(",") if h.strip()]
-    if "127.0.0.1" not in hosts:
-        os.environ["MODELPRINT_SCAN_ALLOWED_HOSTS"] = ",".join([*hosts, "127.0.0.1"])
-    return previous
-
-
-@contextmanager
-def experiment_stack(settings: Settings | None) -> Iterator[Settings]:
-    """Use the running stack these settings point at, or start one on a fresh data dir and free ports."""
-    if settings is not None:
-        yield settings
-        return
-    from modelprint.stack import Stack, StackOptions
-    from shared.embedded import free_port
-
-    previous_hosts = _allow_loopback_scans()
-    data_dir = Path(tempfile.mkdtemp(prefix="modelprint-experiment-"))
-    own = Settings(data_dir=data_dir, gateway_port=free_port(), auditor_port=free_port())
-    stack = Stack(own, StackOptions(inference_workers=1, inference_concurrency=2, with_beat=True))
-    print(f"[stack] starting modelprint on {data_dir} (embedded Redis and PostgreSQL unless configured)")
-    try:
-        stack.start()
-        print(f"[stack] gateway {own.gateway_url}, operator API {own.auditor_url}", flush=True)
-        yield own
-    finally:
-        stack.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
-        if previous_hosts is None:
-            os.environ.pop("MODELPRINT_SCAN_ALLOWED_HOSTS", None)
-        else:
-            os.environ["MODELPRINT_SCAN_ALLOWED_HOSTS"] = previous_hosts
-        print("[stack] stopped", flush=True)
-
-
 # -- measurements ---------------------------------------------------------------------------------------
 
 
-def _softmax_rows(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
-    return out
-
-
-def _aligned_proba(model: Any, classes: list[str]) -> Callable[[np.ndarray], np.ndarray]:
-    """predict_proba with one column per victim class (a surrogate may never have seen some class)."""
-    columns = [classes.index(str(c)) for c in model.classes_]
-
-    def predict_proba(rows: np.ndarray) -> np.ndarray:
-        out = np.zeros((rows.shape[0], len(classes)))
-        out[:, columns] = model.predict_proba(rows)
-        return out
-
-    return predict_proba
-
-
-def _soft_predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """A distilled surrogate's answer: the softmax of its regressed log-probabilities."""
-
-    def predict_proba(rows: np.ndarray) -> np.ndarray:
-        return _softmax_rows(model.predict(rows))
-
-    return predict_proba
-
-
-def measure_overhead(victim: Victim, key: bytes, alpha: float, repeats: int) -> dict[str, Any]:
-    """Batch of 80 rows: plain predict_proba vs predict_proba + fingerprint, interleaved, medians."""
-    scheme = get_scheme(SCHEME, alpha)
+def measure_overhead(victim: Victim, settings: Settings, key: bytes, repeats: int) -> dict[str, Any]:
+    """Batch of 80 rows: plain predict_proba vs predict_proba + the stack's scheme, interleaved."""
+    scheme = get_scheme(settings.fingerprint_scheme, settings.fingerprint_alpha)
     model = victim.estimator
     rows = np.asarray(victim.X_test[:TIMING_BATCH], dtype=np.float64)
 
@@ -366,185 +286,35 @@ def measure_overhead(victim: Victim, key: bytes, alpha: float, repeats: int) -> 
     return out
 
 
-def _send(gateway: GatewayClient, model: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    labels: list[str] = []
-    probabilities: list[list[float]] = []
-    for start in range(0, rows.shape[0], GATEWAY_BATCH):
-        answer = gateway.predict(model, rows[start : start + GATEWAY_BATCH].tolist())
-        labels.extend(str(p["label"]) for p in answer["predictions"])
-        probabilities.extend(p["probabilities"] for p in answer["predictions"])
-    return np.array(labels), np.array(probabilities, dtype=np.float64)
-
-
-def _stored_rows(operator: OperatorClient, client_id: int) -> int:
-    return len(operator.all_queries(client_id))
-
-
-def _wait_for_history(operator: OperatorClient, expected: dict[int, int], timeout: float = 120.0) -> None:
-    """Wait until PostgreSQL holds every answered row of these clients (scans replay the history)."""
-    deadline = time.monotonic() + timeout
-    pending = dict(expected)
-    while pending:
-        pending = {c: n for c, n in pending.items() if _stored_rows(operator, c) < n}
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"query histories incomplete after {timeout:.0f} s: clients {sorted(pending)}")
-        time.sleep(0.5)
-
-
-@dataclass
-class PendingScan:
-    server: V2Server
-    scan_id: int
-    record: dict[str, Any]
-
-
-@dataclass
-class Scanner:
-    """Serves suspects, asks the operator API to scan them, and collects the verdicts."""
-
-    operator: OperatorClient
-    model: str
-    classes: list[str]
-    pending: list[PendingScan] = field(default_factory=list)
-
-    def submit(
-        self,
-        name: str,
-        predict_proba: Callable[[np.ndarray], np.ndarray],
-        client_id: int,
-        record: dict[str, Any],
-    ) -> None:
-        server = V2Server(name, predict_proba, self.classes).start()
-        try:
-            suspect = self.operator.create_suspect(
-                {
-                    "name": name,
-                    "url": server.url,
-                    "protocol": "v2",
-                    "model": self.model,
-                    "remote_model": name,
-                    "suspected_client_id": client_id,
-                }
-            )
-            scan = self.operator.scan_suspect(suspect["id"])
-        except BaseException:
-            server.stop()
-            raise
-        record["scan"] = {"id": scan["id"], "status": scan["status"], "suspect_id": suspect["id"]}
-        self.pending.append(PendingScan(server, scan["id"], record))
-
-
-def _scan_summary(scan: dict[str, Any]) -> dict[str, Any]:
-    tests: dict[str, Any] = {}
-    for test in scan.get("tests") or []:
-        tests[test["name"].split("[")[0]] = {
-            "applicable": test["applicable"],
-            "p_value": test["p_value"],
-            "p_value_adjusted": test.get("p_value_adjusted"),
-            "statistic": test["statistic"],
-        }
-    return {
-        "id": scan["id"],
-        "suspect_id": scan["suspect_id"],
-        "status": scan["status"],
-        "verdict": scan["verdict"],
-        "p_value": scan["p_value"],
-        "probes": scan["probes"],
-        "error": scan["error"],
-        "tests": tests,
-    }
-
-
-def collect_scans(
-    operator: OperatorClient, pending: list[PendingScan], progress: bool, stall_timeout: float = 600.0
-) -> None:
-    """Wait for every scan; fill its record; stop the suspects' servers. Fails if nothing moves for long."""
-    left = list(pending)
-    last_change = time.monotonic()
-    with tqdm(total=len(pending), desc="scans", unit="scan", disable=not progress) as bar:
-        try:
-            while left:
-                still = []
-                for item in left:
-                    scan = operator.get_scan(item.scan_id)
-                    if scan["status"] in ("done", "failed"):
-                        item.record["scan"] = _scan_summary(scan)
-                        item.server.stop()
-                        bar.update()
-                        last_change = time.monotonic()
-                    else:
-                        still.append(item)
-                left = still
-                if left and time.monotonic() - last_change > stall_timeout:
-                    raise RuntimeError(f"no scan finished for {stall_timeout:.0f} s; {len(left)} left")
-                if left:
-                    time.sleep(1.0)
-        finally:
-            for item in left:
-                item.server.stop()
-
-
-def _independent_model(family: str, seed: int) -> Any:
-    if family == "mlp":
-        return _mlp_classifier((64, 32), seed)
-    if family == "random-forest":
-        return RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=1)
-    if family == "gradient-boosting":
-        return HistGradientBoostingClassifier(random_state=seed)
-    if family == "logistic-regression":
-        # Deterministic; its seeds differ through the training data only.
-        return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
-    raise ValueError(family)
-
-
-def _score(
-    predict_proba: Callable[[np.ndarray], np.ndarray], classes: list[str], victim: Victim, threshold: float
+def deploy_victim(
+    operator: OperatorClient, name: str, estimator: Any, X_ref: np.ndarray, y_ref: np.ndarray, workdir: Path
 ) -> dict[str, Any]:
-    labels = np.asarray(classes)[np.argmax(predict_proba(victim.X_test), axis=1)]
-    victim_labels = np.asarray(victim.estimator.predict(victim.X_test)).astype(str)
-    agreement = float(np.mean(labels == victim_labels))
-    return {
-        "accuracy": float(np.mean(labels == np.asarray(victim.y_test).astype(str))),
-        "agreement": agreement,
-        "paper_criterion_stolen": agreement > threshold,
-    }
+    """Deploy a model with its reference data through the operator API; returns the deployment."""
+    folder = workdir / name
+    folder.mkdir(parents=True)
+    sha256 = save_model(estimator, folder / "model.skops")
+    save_reference_data(X_ref, y_ref, folder / "reference.npz")
+    deployed = operator.deploy_model(name, folder / "model.skops", folder / "reference.npz")
+    classes = [str(c) for c in deployed["classes"]]
+    if classes != [str(c) for c in estimator.classes_]:
+        raise RuntimeError(f"deployed classes {classes} differ from the model's {estimator.classes_}")
+    return {**deployed, "sha256": sha256, "classes": classes}
 
 
 def _run_trial(
     trial: int,
     data: TrialData,
-    spec: Dataset,
     config: ExperimentConfig,
     settings: Settings,
     operator: OperatorClient,
-    run_id: str,
+    model_name: str,
     workdir: Path,
-    scans: list[PendingScan],
+    scanner_of: Callable[[str, list[str]], Scanner],
 ) -> dict[str, Any]:
-    from modelprint.training import save_model, save_reference_data
-
     victim = data.victim
-    phases: dict[str, float] = {}
-    clock = time.monotonic()
-
-    def phase(name: str) -> None:
-        nonlocal clock
-        now = time.monotonic()
-        phases[name] = round(now - clock, 2)
-        clock = now
-
-    model_name = f"exp-{spec.name}-{run_id}-t{trial}"
-    folder = workdir / model_name
-    folder.mkdir(parents=True)
-    sha256 = save_model(victim.estimator, folder / "model.skops")
-    save_reference_data(victim.X_test, victim.y_test, folder / "reference.npz")
-    deployed = operator.deploy_model(model_name, folder / "model.skops", folder / "reference.npz")
-    classes = [str(c) for c in deployed["classes"]]
-    if classes != [str(c) for c in victim.estimator.classes_]:
-        raise RuntimeError(f"deployed classes {classes} differ from the model's {victim.estimator.classes_}")
-
+    deployed = deploy_victim(operator, model_name, victim.estimator, victim.X_test, victim.y_test, workdir)
+    classes = deployed["classes"]
+    scanner = scanner_of(model_name, classes)
     result: dict[str, Any] = {
         "trial": trial,
         "data_seed": victim.data_seed,
@@ -552,98 +322,73 @@ def _run_trial(
         "model": {
             "name": model_name,
             "version": deployed["version"],
-            "sha256": sha256,
+            "sha256": deployed["sha256"],
             "description": victim.description,
         },
     }
 
     # 1. accuracy of the plain model and of the labels our gateway returns
-    phase("deploy")
     evaluator = operator.create_client(f"{model_name}-evaluator")
     with GatewayClient(settings.gateway_url, evaluator["api_key"]) as gateway:
-        returned_labels, returned_probs = _send(gateway, model_name, victim.X_test)
+        returned_labels, returned_probs = gateway.predict_rows(model_name, victim.X_test)
     y_test = np.asarray(victim.y_test).astype(str)
     plain_labels = np.asarray(victim.estimator.predict(victim.X_test)).astype(str)
     changed = int(np.sum(returned_labels != plain_labels))
-    clean = victim.estimator.predict_proba(victim.X_test)
     result["accuracy"] = {
         "n_test": int(len(y_test)),
         "plain": float(np.mean(plain_labels == y_test)),
         "fingerprinted": float(np.mean(returned_labels == y_test)),
         "labels_changed": changed,
         "labels_changed_share": changed / len(y_test),
-        "max_abs_probability_change": float(np.max(np.abs(returned_probs - clean))),
-        "evaluator_client_id": evaluator["id"],
+        "max_abs_probability_change": float(
+            np.max(np.abs(returned_probs - victim.estimator.predict_proba(victim.X_test)))
+        ),
     }
 
-    phase("test_set_through_gateway")
-    # 2. thieves extract through the gateway
+    # 2. one thief per budget extracts through the gateway; soft- and hard-label MLP surrogates
     thieves: list[dict[str, Any]] = []
-    answers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for index, budget in enumerate(spec.budgets):
+    for index, budget in enumerate(config.budgets):
         seed = THIEF_SEED_BASE + 100 * trial + index
         thief = operator.create_client(f"{model_name}-thief-{budget}")
         rows = data.thief_queries(budget, seed)
         with GatewayClient(settings.gateway_url, thief["api_key"]) as gateway:
-            labels, probs = _send(gateway, model_name, rows)
-        answers[budget] = (rows, labels, probs)
-        thieves.append({"budget": budget, "client_id": thief["id"], "query_seed": seed, "surrogates": {}})
-    phase("thieves_query")
-    _wait_for_history(operator, {t["client_id"]: t["budget"] for t in thieves})
-    phase("wait_for_history")
-
-    scanner = Scanner(operator, model_name, classes)
-    for thief in thieves:
-        rows, labels, probs = answers[thief["budget"]]
-        soft = _quiet_fit(
-            make_pipeline(
-                StandardScaler(),
-                MLPRegressor(hidden_layer_sizes=(64, 32), max_iter=1000, random_state=victim.train_seed),
-            ),
-            rows,
-            np.log(probs + LOG_EPSILON),
-        )
-        hard = _quiet_fit(_mlp_classifier((64, 32), victim.train_seed), rows, labels)
-        predictors: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-            "soft": _soft_predictor(soft),
-            "hard": _aligned_proba(hard, classes),
-        }
-        for kind, predict in predictors.items():
-            record = _score(predict, classes, victim, config.agreement_threshold)
-            thief["surrogates"][kind] = record
-            scanner.submit(f"{model_name}-{kind}-{thief['budget']}", predict, thief["client_id"], record)
+            labels, probs = gateway.predict_rows(model_name, rows)
+        record: dict[str, Any] = {"budget": budget, "client_id": thief["id"], "query_seed": seed}
+        record["surrogates"] = {}
+        for kind in LABEL_KINDS:
+            predict = train_surrogate("mlp", kind, victim.train_seed, rows, labels, probs, classes)
+            record["surrogates"][kind] = surrogate = _scored(predict, classes, victim, config)
+            scanner.submit(f"{model_name}-{kind}-{budget}", predict, thief["id"], surrogate)
+        thieves.append(record)
     result["thieves"] = thieves
 
-    phase("surrogates_train_and_submit")
-    # 3. independent companies: their own data, true labels only
+    # 3. independent companies: their own data, true labels only; a thief is the suspected client
     independents: list[dict[str, Any]] = []
     for k in range(config.independent_seeds):
         for f_index, family in enumerate(FAMILIES):
             data_seed = INDEPENDENT_DATA_SEED_BASE + 1000 * trial + 10 * k + f_index
             X, y = data.independent_data(data_seed)
-            model = _quiet_fit(_independent_model(family, k), X, np.asarray(y).astype(str))
+            predict = train_classifier(family, k, X, np.asarray(y).astype(str), classes)
             suspected = thieves[len(independents) % len(thieves)]
             record = {
                 "family": family,
                 "model_seed": k,
                 "data_seed": data_seed,
-                "suspected_client_id": suspected["client_id"],
                 "suspected_thief_budget": suspected["budget"],
-                **_score(_aligned_proba(model, classes), classes, victim, config.agreement_threshold),
+                **_scored(predict, classes, victim, config),
             }
             independents.append(record)
-            scanner.submit(
-                f"{model_name}-independent-{family}-{k}",
-                _aligned_proba(model, classes),
-                suspected["client_id"],
-                record,
-            )
+            scanner.submit(f"{model_name}-independent-{family}-{k}", predict, suspected["client_id"], record)
     result["independent"] = independents
     result["independent_data"] = data.independent_data_note
-    phase("independent_train_and_submit")
-    result["phase_seconds"] = phases
-    scans.extend(scanner.pending)
     return result
+
+
+def _scored(
+    predict: Callable[[np.ndarray], np.ndarray], classes: list[str], victim: Victim, config: ExperimentConfig
+) -> dict[str, Any]:
+    measured = score(predict, classes, victim.estimator, victim.X_test, victim.y_test)
+    return {**measured, "paper_criterion_stolen": measured["agreement"] > config.agreement_threshold}
 
 
 # -- the whole run --------------------------------------------------------------------------------------
@@ -658,29 +403,34 @@ def run_experiment(config: ExperimentConfig, settings: Settings | None = None) -
     spec = DATASETS[config.dataset]
     started = time.monotonic()
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    trials_data: list[TrialData] = []
-    for trial in tqdm(range(config.trials), desc="training victims", disable=not config.progress):
-        trials_data.append(spec.make_trial(trial))
-
+    trials_data = [
+        spec.make_trial(trial)
+        for trial in tqdm(range(config.trials), desc="training victims", disable=not config.progress)
+    ]
     with experiment_stack(settings) as live:
         secrets = load_secrets(live)
         # 1. timing first, on a quiet machine (no scan is running yet)
         timings = [
-            measure_overhead(data.victim, secrets.active_key, live.fingerprint_alpha, config.timing_repeats)
+            measure_overhead(data.victim, live, secrets.active_key, config.timing_repeats)
             for data in tqdm(trials_data, desc="timing batches of 80", disable=not config.progress)
         ]
         run_id = uuid.uuid4().hex[:8]
-        scans: list[PendingScan] = []
+        scanners: list[Scanner] = []
         trials: list[dict[str, Any]] = []
         with (
             tempfile.TemporaryDirectory(prefix="modelprint-experiment-models-") as workdir,
             OperatorClient(live.auditor_url, secrets.admin_token) as operator,
         ):
+
+            def scanner_of(model: str, classes: list[str]) -> Scanner:
+                scanners.append(Scanner(operator, model, classes))
+                return scanners[-1]
+
             try:
                 for trial, data in enumerate(
                     tqdm(
                         trials_data,
-                        desc="trials (deploy, query, extract, submit scans)",
+                        desc="trials (deploy, extract, submit scans)",
                         disable=not config.progress,
                     )
                 ):
@@ -688,24 +438,34 @@ def run_experiment(config: ExperimentConfig, settings: Settings | None = None) -
                     # and oversubscribed BLAS threads on 2 cores slow MLP training down many times over.
                     with threadpool_limits(limits=1):
                         result = _run_trial(
-                            trial, data, spec, config, live, operator, run_id, Path(workdir), scans
+                            trial,
+                            data,
+                            config,
+                            live,
+                            operator,
+                            f"exp-{spec.name}-{run_id}-t{trial}",
+                            Path(workdir),
+                            scanner_of,
                         )
                     result["timing"] = timings[trial]
                     trials.append(result)
                 waiting = time.monotonic()
-                collect_scans(operator, scans, config.progress)
+                Scanner(operator, "", [], [p for s in scanners for p in s.pending]).collect(config.progress)
                 scan_wait_seconds = round(time.monotonic() - waiting, 1)
             finally:
-                for item in scans:
-                    item.server.stop()
-        scan_level = float(os.environ.get("MODELPRINT_SCAN_LEVEL", DEFAULT_LEVEL))
-        fingerprint = {"scheme": SCHEME, "alpha": live.fingerprint_alpha, "key_id": secrets.active_key_id}
+                for scanner in scanners:
+                    scanner.stop()
+        fingerprint = {
+            "scheme": live.fingerprint_scheme,
+            "alpha": live.fingerprint_alpha,
+            "key_id": secrets.active_key_id,
+        }
 
     results: dict[str, Any] = {
         "dataset": spec.name,
         "command": config.command,
         "quick": config.quick,
-        "budgets": list(spec.budgets),
+        "budgets": list(config.budgets),
         "trials_run": config.trials,
         "seeds": (
             f"trial t: victim data seed {PAPER_DATA_SEED}+t and training seed {PAPER_TRAIN_SEED}+t (trial 0 "
@@ -715,7 +475,6 @@ def run_experiment(config: ExperimentConfig, settings: Settings | None = None) -
             "seed k"
         ),
         "fingerprint": fingerprint,
-        "scan_level": scan_level,
         "agreement_threshold": config.agreement_threshold,
         "independent_seeds": config.independent_seeds,
         "timing_repeats": config.timing_repeats,
@@ -728,28 +487,18 @@ def run_experiment(config: ExperimentConfig, settings: Settings | None = None) -
         "scan_wait_seconds": scan_wait_seconds,
         "runtime_seconds": round(time.monotonic() - started, 1),
     }
+    results["scan_level"] = scan_level(_all_records(results))
     results["summary"] = summarise(results)
     return results
 
 
+def _all_records(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every scanned suspect's record: the surrogates, then the independent models."""
+    surrogates = [s for t in results["trials"] for th in t["thieves"] for s in th["surrogates"].values()]
+    return [*surrogates, *(r for t in results["trials"] for r in t["independent"])]
+
+
 # -- summaries, table, plots ----------------------------------------------------------------------------
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": float(np.mean(values)),
-        "std": float(statistics.stdev(values)) if len(values) > 1 else 0.0,
-        "min": float(np.min(values)),
-        "max": float(np.max(values)),
-        "n": len(values),
-    }
-
-
-def _upper_95(k: int, n: int) -> float | None:
-    """One-sided 95% Clopper-Pearson upper bound of a rate seen k times in n."""
-    if n == 0:
-        return None
-    return 1.0 if k >= n else float(stats.beta.ppf(0.95, k + 1, n - k))
 
 
 def _is_stolen(record: dict[str, Any]) -> bool:
@@ -759,36 +508,34 @@ def _is_stolen(record: dict[str, Any]) -> bool:
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
     trials = results["trials"]
     summary: dict[str, Any] = {
-        "accuracy_plain": _stats([t["accuracy"]["plain"] for t in trials]),
-        "accuracy_fingerprinted": _stats([t["accuracy"]["fingerprinted"] for t in trials]),
+        "accuracy_plain": describe([t["accuracy"]["plain"] for t in trials]),
+        "accuracy_fingerprinted": describe([t["accuracy"]["fingerprinted"] for t in trials]),
         "labels_changed": int(sum(t["accuracy"]["labels_changed"] for t in trials)),
         "labels_answered": int(sum(t["accuracy"]["n_test"] for t in trials)),
-        "plain_ms": _stats([t["timing"]["plain_ms"] for t in trials]),
-        "fingerprinted_ms": _stats([t["timing"]["fingerprinted_ms"] for t in trials]),
-        "overhead_percent": _stats([t["timing"]["overhead_percent"] for t in trials]),
-        "fingerprinted_rows_per_second": _stats(
+        "plain_ms": describe([t["timing"]["plain_ms"] for t in trials]),
+        "fingerprinted_ms": describe([t["timing"]["fingerprinted_ms"] for t in trials]),
+        "overhead_percent": describe([t["timing"]["overhead_percent"] for t in trials]),
+        "fingerprinted_rows_per_second": describe(
             [t["timing"]["fingerprinted_rows_per_second"] for t in trials]
         ),
-        "scans_failed": sum(
-            r["scan"].get("status") != "done"
-            for t in trials
-            for r in [*(s for th in t["thieves"] for s in th["surrogates"].values()), *t["independent"]]
-        ),
+        "scans_failed": sum(r["scan"].get("status") != "done" for r in _all_records(results)),
     }
+    names = scan_test_names(_all_records(results))
     extraction: dict[str, Any] = {}
     for budget in results["budgets"]:
         row: dict[str, Any] = {}
-        for kind in SURROGATE_KINDS:
+        for kind in LABEL_KINDS:
             records = [
                 th["surrogates"][kind] for t in trials for th in t["thieves"] if th["budget"] == budget
             ]
             row[kind] = {
-                "accuracy": _stats([r["accuracy"] for r in records]),
-                "agreement": _stats([r["agreement"] for r in records]),
+                "accuracy": describe([r["accuracy"] for r in records]),
+                "agreement": describe([r["agreement"] for r in records]),
                 "stolen": sum(_is_stolen(r) for r in records),
                 "paper_criterion_stolen": sum(r["paper_criterion_stolen"] for r in records),
                 "n": len(records),
                 "scan_p_values": [r["scan"].get("p_value") for r in records],
+                "test_median_p_values": {name: _median_p(records, name) for name in names},
             }
         extraction[str(budget)] = row
     summary["extraction"] = extraction
@@ -801,8 +548,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 "n": len(records),
                 "stolen": sum(_is_stolen(r) for r in records),
                 "paper_criterion_stolen": sum(r["paper_criterion_stolen"] for r in records),
-                "accuracy": _stats([r["accuracy"] for r in records]),
-                "agreement": _stats([r["agreement"] for r in records]),
+                "accuracy": describe([r["accuracy"] for r in records]),
+                "agreement": describe([r["agreement"] for r in records]),
                 "min_scan_p_value": min((r["scan"].get("p_value") or 1.0) for r in records),
             }
     n = len(independents)
@@ -810,13 +557,33 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "n": n,
         "verdict_stolen": sum(_is_stolen(r) for r in independents),
         "verdict_fpr": sum(_is_stolen(r) for r in independents) / n if n else None,
-        "verdict_fpr_upper_95": _upper_95(sum(_is_stolen(r) for r in independents), n),
+        "verdict_fpr_upper_95": upper_95(sum(_is_stolen(r) for r in independents), n),
         "paper_criterion_stolen": sum(r["paper_criterion_stolen"] for r in independents),
         "paper_criterion_fpr": sum(r["paper_criterion_stolen"] for r in independents) / n if n else None,
-        "paper_criterion_fpr_upper_95": _upper_95(sum(r["paper_criterion_stolen"] for r in independents), n),
+        "paper_criterion_fpr_upper_95": upper_95(sum(r["paper_criterion_stolen"] for r in independents), n),
         "by_family": families,
     }
+    # The paper's own "statistical validation": a Mann-Whitney U test of the surrogates' agreements
+    # against the independent models' (one-sided). It compares two groups; it cannot judge one suspect.
+    surrogate_agreements = [
+        r["agreement"] for t in trials for th in t["thieves"] for r in th["surrogates"].values()
+    ]
+    independent_agreements = [r["agreement"] for r in independents]
+    summary["paper_mann_whitney_p"] = (
+        float(stats.mannwhitneyu(surrogate_agreements, independent_agreements, alternative="greater").pvalue)
+        if surrogate_agreements and independent_agreements
+        else None
+    )
     return summary
+
+
+def _median_p(records: list[dict[str, Any]], test: str) -> float | None:
+    values = [
+        r["scan"]["tests"][test]["p_value"]
+        for r in records
+        if r["scan"].get("tests", {}).get(test, {}).get("p_value") is not None
+    ]
+    return float(np.median(values)) if values else None
 
 
 def _pm(stat: dict[str, float], scale: float = 100.0, digits: int = 2, unit: str = "%") -> str:
@@ -877,7 +644,7 @@ def render_table(results: dict[str, Any]) -> str:
         "Surrogates trained on a thief's answers from our gateway; accuracy and agreement with the victim "
         "on the test set. Soft: MLPRegressor (64, 32) on the returned log-probabilities, softmax. Hard: "
         "MLPClassifier (64, 32) on the returned labels. Detected: scans with verdict `stolen` "
-        f"(Holm-adjusted p < {level:g}) / scans; p: the scan's adjusted p-value, median [max].",
+        f"(Holm-adjusted p < {level}) / scans; p: the scan's adjusted p-value, median [max].",
         "",
         "| queries | paper acc / agr | soft acc | soft agr | soft detected | soft p | hard acc | hard agr "
         "| hard detected | hard p |",
@@ -887,12 +654,25 @@ def render_table(results: dict[str, Any]) -> str:
         cells = [f"{int(budget):,}"]
         ref = PAPER_EXTRACTION.get(int(budget)) if paper else None
         cells.append(f"{ref[0]:.2%} / {ref[1]:.2%}" if ref else "-")
-        for kind in SURROGATE_KINDS:
+        for kind in LABEL_KINDS:
             d = row_data[kind]
             ps = [p for p in d["scan_p_values"] if p is not None]
-            p_text = f"{statistics.median(ps):.2g} [{max(ps):.2g}]" if ps else "-"
-            cells += [_pm(d["accuracy"]), _pm(d["agreement"]), f"{d['stolen']}/{d['n']}", p_text]
+            p_summary = f"{float(np.median(ps)):.2g} [{max(ps):.2g}]" if ps else "-"
+            cells += [_pm(d["accuracy"]), _pm(d["agreement"]), f"{d['stolen']}/{d['n']}", p_summary]
         lines.append("| " + " | ".join(cells) + " |")
+    names = scan_test_names(_all_records(results))
+    lines += [
+        "",
+        "Each test's p-value (unadjusted, median over trials) for the same surrogates:",
+        "",
+        "| queries | labels | " + " | ".join(names) + " |",
+        "| ---: | --- | " + " | ".join("---" for _ in names) + " |",
+    ]
+    for budget, row_data in s["extraction"].items():
+        for kind in LABEL_KINDS:
+            medians = row_data[kind]["test_median_p_values"]
+            cells = [f"{int(budget):,}", kind, *(p_text(medians.get(name)) for name in names)]
+            lines.append("| " + " | ".join(cells) + " |")
     fp = s["false_positives"]
     lines += [
         "",
@@ -917,15 +697,16 @@ def render_table(results: dict[str, Any]) -> str:
             f"95% upper bound {fp['verdict_fpr_upper_95']:.1%})** "
             f"| **{fp['paper_criterion_stolen']}/{fp['n']} (FPR {fp['paper_criterion_fpr']:.1%})** | |"
         )
-    tpr_scan = sum(s["extraction"][b][k]["stolen"] for b in s["extraction"] for k in SURROGATE_KINDS)
+    tpr_scan = sum(s["extraction"][b][k]["stolen"] for b in s["extraction"] for k in LABEL_KINDS)
     tpr_paper = sum(
-        s["extraction"][b][k]["paper_criterion_stolen"] for b in s["extraction"] for k in SURROGATE_KINDS
+        s["extraction"][b][k]["paper_criterion_stolen"] for b in s["extraction"] for k in LABEL_KINDS
     )
-    total = sum(s["extraction"][b][k]["n"] for b in s["extraction"] for k in SURROGATE_KINDS)
+    total = sum(s["extraction"][b][k]["n"] for b in s["extraction"] for k in LABEL_KINDS)
     lines += [
         "",
         f"On the thieves' surrogates, for comparison: modelprint `stolen` {tpr_scan}/{total}, "
-        f"paper criterion {tpr_paper}/{total}."
+        f"paper criterion {tpr_paper}/{total}. The paper's Mann-Whitney U test (surrogates' agreement "
+        f"greater than the independent models'): p = {p_text(s['paper_mann_whitney_p'])}."
         + (f" Scans that did not finish: {s['scans_failed']}." if s["scans_failed"] else ""),
         "",
     ]
@@ -945,7 +726,7 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"soft": "-", "hard": "--"}
-    for kind in SURROGATE_KINDS:
+    for kind in LABEL_KINDS:
         for metric, marker in (("accuracy", "o"), ("agreement", "s")):
             means = [s["extraction"][str(b)][kind][metric]["mean"] * 100 for b in budgets]
             stds = [s["extraction"][str(b)][kind][metric]["std"] * 100 for b in budgets]
@@ -991,8 +772,8 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
     level = results["scan_level"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5), sharey=True, gridspec_kw={"width_ratios": [1, 1, 0.8]})
-    for ax, kind in zip(axes[:2], SURROGATE_KINDS, strict=True):
-        for offset, name in enumerate(("scan", *TEST_NAMES)):
+    for ax, kind in zip(axes[:2], LABEL_KINDS, strict=True):
+        for offset, name in enumerate(("scan", *scan_test_names(_all_records(results)))):
             xs, ys = [], []
             for trial in results["trials"]:
                 for thief in trial["thieves"]:
@@ -1015,7 +796,8 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
                     label="scan (Holm-adjusted)" if name == "scan" else name,
                     alpha=0.8,
                 )
-        ax.axhline(level, color="red", linestyle="--", label=f"level {level:g}")
+        if level is not None:
+            ax.axhline(level, color="red", linestyle="--", label=f"level {level:g}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
@@ -1036,7 +818,8 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
             if r["family"] == family
         ]
         ax.plot([index] * len(ps), ps, "o", alpha=0.7)
-    ax.axhline(level, color="red", linestyle="--")
+    if level is not None:
+        ax.axhline(level, color="red", linestyle="--")
     ax.set_xticks(range(len(families)), families, rotation=20, fontsize=8)
     ax.set_title("independent models (scan p)")
     ax.grid(alpha=0.3)
