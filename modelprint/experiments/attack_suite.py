@@ -57,6 +57,7 @@ from modelprint.experiments.common import (
     score,
     train_classifier,
     train_surrogate,
+    warm_up,
 )
 from modelprint.experiments.paper import deploy_victim
 from modelprint.training import train_ecg_model
@@ -276,6 +277,7 @@ def run_suite(config: SuiteConfig, settings: Settings | None = None) -> dict[str
             )
             classes = deployed["classes"]
             assert classes == classes_order
+            warm_up(live, operator, model, reference[0])
             scanner = Scanner(operator, model, classes)
             runs: list[dict[str, Any]] = []
             thieves: list[ThiefClient] = []

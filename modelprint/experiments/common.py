@@ -31,7 +31,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from modelprint.client import OperatorClient
+from modelprint.client import ApiCallError, GatewayClient, OperatorClient
 from modelprint.training import fit_quietly, mlp_pipeline
 from modelprint.v2server import V2Server
 from shared.config import Settings
@@ -85,6 +85,27 @@ def experiment_stack(settings: Settings | None, env: dict[str, str] | None = Non
             else:
                 os.environ[name] = value
         print("[stack] stopped", flush=True)
+
+
+def warm_up(
+    settings: Settings, operator: OperatorClient, model: str, row: np.ndarray, timeout: float = 120.0
+) -> None:
+    """Answer a few requests for a freshly deployed model, so the workers have loaded it before we measure.
+
+    A worker loads a model version from PostgreSQL on its first request; on a loaded machine that can
+    take longer than the gateway's predict timeout (504), which would otherwise hit a thief's first batch.
+    """
+    client = operator.create_client(f"{model}-warm-up")
+    deadline = time.monotonic() + timeout
+    answered = 0
+    with GatewayClient(settings.gateway_url, client["api_key"]) as gateway:
+        while answered < 4:
+            try:
+                gateway.predict(model, [row.tolist()])
+                answered += 1
+            except ApiCallError as exc:
+                if exc.status_code != 504 or time.monotonic() > deadline:
+                    raise
 
 
 # -- thieves and independent models -------------------------------------------------------------------

@@ -66,6 +66,7 @@ from modelprint.experiments.common import (
     train_classifier,
     train_surrogate,
     upper_95,
+    warm_up,
 )
 from modelprint.training import fit_quietly, mlp_pipeline, save_model, save_reference_data, train_ecg_model
 from shared.config import Settings, load_secrets
@@ -314,6 +315,7 @@ def _run_trial(
     victim = data.victim
     deployed = deploy_victim(operator, model_name, victim.estimator, victim.X_test, victim.y_test, workdir)
     classes = deployed["classes"]
+    warm_up(settings, operator, model_name, victim.X_test[0])
     scanner = scanner_of(model_name, classes)
     result: dict[str, Any] = {
         "trial": trial,
