@@ -152,6 +152,33 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings, keep_running=args.keep_running)
 
 
+def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
+    command = "modelprint " + " ".join(sys.argv[1:])
+    running = settings if args.use_running else None
+    if args.setting == "attacks":
+        from modelprint.experiments import attack_suite
+
+        if args.dataset not in (None, "ecg") or args.trials is not None:
+            raise CliError("`experiment attacks` runs the ECG setting once; drop --dataset and --trials")
+        out = Path(args.out or "results/attacks")
+        suite = attack_suite.SuiteConfig.make(quick=args.quick, command=command)
+        results = attack_suite.run_suite(suite, running)
+        paths = attack_suite.write_outputs(results, out)
+        failed = results["summary"]["scans_failed"]
+    else:
+        from modelprint.experiments import paper
+
+        dataset = args.dataset or "ecg"
+        out = Path(args.out or ("results/paper" if dataset == "ecg" else f"results/{dataset}"))
+        config = paper.ExperimentConfig.make(dataset, trials=args.trials, quick=args.quick, command=command)
+        results = paper.run_experiment(config, running)
+        paths = paper.write_outputs(results, out)
+        failed = results["summary"]["scans_failed"]
+    print((out / "table.md").read_text())
+    print("wrote " + ", ".join(str(path) for path in paths))
+    return 0 if failed == 0 else 1
+
+
 # -- models and clients --------------------------------------------------------------------------------
 
 
@@ -364,6 +391,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="bring the stack up and walk through a fingerprinted prediction")
     demo.add_argument("--keep-running", action="store_true", help="leave the stack running afterwards")
     demo.set_defaults(handler=cmd_demo)
+
+    experiment = commands.add_parser(
+        "experiment",
+        help="reproduce the paper's Table 1 (paper, the default) or run the attack suite (attacks)",
+    )
+    experiment.add_argument("setting", nargs="?", choices=["paper", "attacks"], default="paper")
+    experiment.add_argument(
+        "--dataset", choices=["ecg", "breast-cancer", "digits"], default=None, help="paper only (default ecg)"
+    )
+    experiment.add_argument(
+        "--trials", type=int, default=None, help="paper only: trials (default 5; --quick: 1)"
+    )
+    experiment.add_argument(
+        "--quick", action="store_true", help="a short run: 1 trial / a small grid (what the tests run)"
+    )
+    experiment.add_argument(
+        "--out", default=None, help="output dir (default results/paper, results/<dataset> or results/attacks)"
+    )
+    experiment.add_argument(
+        "--use-running",
+        action="store_true",
+        help="use the stack the settings point at (default: start one on a temporary data dir)",
+    )
+    experiment.set_defaults(handler=cmd_experiment)
 
     commands.add_parser("migrate", help="apply database migrations (alembic upgrade head)").set_defaults(
         handler=cmd_migrate

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+from tqdm import tqdm
 
 
 class ApiCallError(RuntimeError):
@@ -160,6 +162,19 @@ class GatewayClient:
 
     def predict(self, model: str, instances: list[list[float]]) -> dict[str, Any]:
         return _checked(self.http.post(f"/v1/models/{model}/predict", json={"instances": instances}))
+
+    def predict_rows(
+        self, model: str, rows: np.ndarray, batch_size: int = 100, desc: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Send rows in batches; returns (labels, probabilities) in order. A progress bar when desc is set."""
+        labels: list[str] = []
+        probabilities: list[list[float]] = []
+        starts = range(0, rows.shape[0], batch_size)
+        for start in tqdm(starts, desc=desc, unit="req", leave=False, disable=desc is None):
+            answer = self.predict(model, np.asarray(rows[start : start + batch_size], np.float64).tolist())
+            labels.extend(str(p["label"]) for p in answer["predictions"])
+            probabilities.extend(p["probabilities"] for p in answer["predictions"])
+        return np.array(labels), np.array(probabilities, dtype=np.float64).reshape(len(labels), -1)
 
     def infer_v2(self, model: str, rows: list[list[float]], datatype: str = "FP64") -> dict[str, Any]:
         body = {

@@ -63,18 +63,6 @@ def running_stack(settings: Settings, keep_running: bool) -> Iterator[Stack | No
         _say("stack", f"stopped; data kept in {settings.data_dir}")
 
 
-def _send_all(
-    gateway: GatewayClient, model: str, rows: np.ndarray, label: str
-) -> tuple[np.ndarray, np.ndarray]:
-    labels: list[str] = []
-    probabilities: list[list[float]] = []
-    for start in tqdm(range(0, rows.shape[0], BATCH), desc=label, unit="req", leave=False):
-        answer = gateway.predict(model, rows[start : start + BATCH].tolist())
-        labels.extend(p["label"] for p in answer["predictions"])
-        probabilities.extend(p["probabilities"] for p in answer["predictions"])
-    return np.array(labels), np.array(probabilities)
-
-
 def _wait_for_scan(operator: OperatorClient, scan_id: int, label: str) -> dict[str, Any]:
     with tqdm(desc=f"scanning {label}", bar_format="{desc}: {elapsed}", leave=False) as progress:
         while True:
@@ -116,7 +104,7 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
 
         honest_rows = natural_queries(ecg_sampler(np.random.default_rng(11)), HONEST_QUERIES)
         with GatewayClient(settings.gateway_url, honest["api_key"]) as gateway:
-            labels, returned = _send_all(gateway, "ecg-mlp", honest_rows, "honest traffic")
+            labels, returned = gateway.predict_rows("ecg-mlp", honest_rows, BATCH, "honest traffic")
         clean = trained.estimator.predict_proba(honest_rows)
         expected = get_scheme(settings.fingerprint_scheme, settings.fingerprint_alpha).apply(
             clean, honest_rows, secrets.active_key
@@ -134,7 +122,7 @@ def run_demo(settings: Settings, keep_running: bool = False) -> int:
         own_recordings = natural_queries(ecg_sampler(np.random.default_rng(22)), THIEF_QUERIES // 2)
         thief_rows = perturbation_pair_queries(own_recordings, THIEF_QUERIES, np.random.default_rng(23))
         with GatewayClient(settings.gateway_url, thief["api_key"]) as gateway:
-            stolen_labels, _ = _send_all(gateway, "ecg-mlp", thief_rows, "thief extracting")
+            stolen_labels, _ = gateway.predict_rows("ecg-mlp", thief_rows, BATCH, "thief extracting")
         surrogate = make_pipeline(
             StandardScaler(), MLPClassifier(hidden_layer_sizes=(64, 32), max_iter=1000, random_state=3)
         )

@@ -26,10 +26,17 @@ from sklearn.preprocessing import StandardScaler
 from shared.ecg import generate_ecg
 from shared.modelfile import UntrustedModelError, load_model_bytes
 
-__all__ = ["UntrustedModelError", "load_model_file", "save_model", "save_reference_data"]
+__all__ = [
+    "UntrustedModelError",
+    "fit_quietly",
+    "load_model_file",
+    "mlp_pipeline",
+    "save_model",
+    "save_reference_data",
+]
 
 # Ample for adam to reach its tolerance-based stop (ECG: ~110 epochs, breast cancer: ~320), so no
-# ConvergenceWarning in practice; _fit_quietly only guards against other seeds.
+# ConvergenceWarning in practice; fit_quietly only guards against other seeds.
 MAX_ITER = 1000
 
 
@@ -47,7 +54,7 @@ class TrainedModel:
     description: str
 
 
-def _mlp_pipeline(hidden_layer_sizes: tuple[int, ...], random_state: int) -> Pipeline:
+def mlp_pipeline(hidden_layer_sizes: tuple[int, ...], random_state: int) -> Pipeline:
     """Standardise, then an MLP: raw features have very different scales (e.g. breast-cancer areas)."""
     return Pipeline(
         [
@@ -80,8 +87,8 @@ def _drop_optimizer_state(estimator: Any) -> None:
             del step._optimizer
 
 
-def _fit_quietly(estimator: Pipeline, X: np.ndarray, y: np.ndarray) -> Pipeline:
-    """Fit without ConvergenceWarning noise (the reference model is what it is), then drop optimizer state."""
+def fit_quietly(estimator: Any, X: np.ndarray, y: np.ndarray) -> Any:
+    """Fit without ConvergenceWarning noise (a model is what it is), then drop MLP optimizer state."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=ConvergenceWarning)
         estimator.fit(X, y)
@@ -97,7 +104,7 @@ def train_ecg_model(
     X_train, X_test, y_train, y_test = train_test_split(
         X, y, test_size=test_size, stratify=y, random_state=data_seed
     )
-    estimator = _fit_quietly(_mlp_pipeline((64, 32), train_seed), X_train, y_train)
+    estimator = fit_quietly(mlp_pipeline((64, 32), train_seed), X_train, y_train)
     accuracy = float(estimator.score(X_test, y_test))
     return TrainedModel(
         name="ecg-mlp",
@@ -124,7 +131,7 @@ def train_breast_cancer_model(seed: int = 123, test_size: float = 0.25) -> Train
     X_train, X_test, y_train, y_test = train_test_split(
         X, y, test_size=test_size, stratify=y, random_state=42
     )
-    estimator = _fit_quietly(_mlp_pipeline((32, 16), seed), X_train, y_train)
+    estimator = fit_quietly(mlp_pipeline((32, 16), seed), X_train, y_train)
     accuracy = float(estimator.score(X_test, y_test))
     return TrainedModel(
         name="breast-cancer-mlp",
