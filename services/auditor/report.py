@@ -51,7 +51,11 @@ DECISION_TEXT = (
     "Because several hypotheses are tested, the p-values are adjusted for multiple testing with the "
     "Holm-Bonferroni method, which keeps the probability of any false accusation across all tests (the "
     "family-wise error rate) at or below the level. The verdict is <strong>stolen</strong> only when an "
-    "adjusted p-value is below the level."
+    "adjusted p-value is below the level. A test's own p-value is the larger of its empirical and "
+    "parametric ones, except that the parametric one alone is used when the suspect lies beyond every null "
+    "sample (where the empirical one cannot go lower). The label-replay test's is the larger of two: "
+    "against independent models, and against a model trained on the very queries the client sent, with "
+    "their true labels (such a model fits those queries too, but not our answers)."
 )
 
 CSS = """
@@ -472,13 +476,14 @@ def _tests_table(tests: list[Mapping[str, Any]], level: float | None) -> str:
             f'<td class="num">{_e(format_number(test.get("statistic")))}</td>'
             f'<td class="num">{_e(format_p(test.get("p_value_empirical")))}</td>'
             f'<td class="num">{_e(format_p(test.get("p_value_parametric")))}</td>'
+            f'<td class="num">{_e(format_p(test.get("p_value")))}</td>'
             f'<td class="num padj">{_e(format_p(test.get("p_value_adjusted")))}'
             f"{' &#10033;' if significant else ''}</td>"
             f"<td>{_e(test.get('explanation') or '')}{details_html}</td></tr>"
         )
     head = (
         "<tr><th>Test</th><th>Applicable</th><th>Statistic</th><th>p empirical</th><th>p parametric</th>"
-        "<th>p adjusted (Holm)</th><th>Explanation</th></tr>"
+        "<th>p of the test</th><th>p adjusted (Holm)</th><th>Explanation</th></tr>"
     )
     note = (
         f'<p class="muted">&#10033; adjusted p-value below the level {_e(format_p(level))}. '
