@@ -240,7 +240,7 @@ def _label_replay_test(
     control_labels: np.ndarray,
     victim_control: np.ndarray,
     ref_control: list[np.ndarray],
-    victim_errors: tuple[int, int] | None,
+    true_labels: np.ndarray | None,
 ) -> TestResult:
     """Fewer disagreements on the replayed queries than on control, beyond what reference models show,
     and fewer than a model trained on the same queries with their true labels could have.
@@ -248,9 +248,9 @@ def _label_replay_test(
     Two ways of not being a copy must both be ruled out. (1) An independent model: the reference models
     give the null ratio of the replay and control disagreement rates. (2) A competitor that holds the
     same inputs with true labels (e.g. the client's own records, also sent to us) fits them too, so it
-    disagrees with us on the replayed rows at least where we are wrong: our error rate, estimated on the
-    labelled control inputs (`victim_errors` = (mistakes, rows)), is a floor no such model goes below.
-    The p-value is the larger of the two.
+    disagrees with us on the replayed rows where we are wrong. How likely we are wrong on a row is read
+    off the labelled control inputs (`true_labels`), by how many reference models disagree with us there
+    (see `_true_label_floor_p`). The p-value is the larger of the two.
     """
     m, n = victim_replay.size, victim_control.size
     if m == 0 or n == 0:
@@ -288,7 +288,9 @@ def _label_replay_test(
         parametric = float(np.sum(_HERMITE_WEIGHTS * tails) / np.sum(_HERMITE_WEIGHTS))
     empirical = (1 + int(np.sum(null <= observed))) / (k + 1)
     p_independent = _decision_p(parametric, empirical, bool(np.all(null > observed)))
-    floor_rate, p_floor = _error_floor_p(d_replay, m, victim_errors, min(1.0, math.exp(mu)))
+    floor_rate, p_floor = _true_label_floor_p(
+        d_replay, victim_replay, ref_replay, victim_control, ref_control, true_labels
+    )
     p = max(p_independent, p_floor)
     agree_replay, agree_control = 1 - d_replay / m, 1 - d_control / n
     ref_gap = float(
@@ -305,10 +307,11 @@ def _label_replay_test(
         f"ratio of {math.exp(mu):.3g} (range {math.exp(null.min()):.3g}-{math.exp(null.max()):.3g}), "
         f"p = {p_independent:.3g}."
     )
-    if victim_errors is not None:
+    if true_labels is not None:
         explanation += (
             f" A model trained on these queries with their true labels would still disagree where we are "
-            f"wrong (about {floor_rate:.1%} of rows, from our error rate on labelled control inputs), "
+            f"wrong (about {floor_rate:.1%} of these rows, judged by how many reference models disagree "
+            f"with us on each and how often we are wrong on such labelled control inputs), "
             f"p = {p_floor:.3g}; the test reports the larger, p = {p:.3g}."
         )
     return TestResult(
@@ -340,23 +343,52 @@ def _label_replay_test(
     )
 
 
-def _error_floor_p(
-    d_replay: int, m: int, victim_errors: tuple[int, int] | None, difficulty: float
+def _true_label_floor_p(
+    d_replay: int,
+    victim_replay: np.ndarray,
+    ref_replay: list[np.ndarray],
+    victim_control: np.ndarray,
+    ref_control: list[np.ndarray],
+    true_labels: np.ndarray | None,
+    draws: int = 200,
 ) -> tuple[float, float]:
-    """P(at most d_replay disagreements in m rows) for a perfect fit of the true labels.
+    """P(at most d_replay disagreements on the replayed rows) for a perfect fit of their true labels.
 
-    Such a model disagrees with us exactly where we are wrong. Our error rate comes from the labelled
-    control inputs, with its uncertainty (Jeffreys posterior, averaged over 200 quantiles), scaled by
-    `difficulty` (<= 1, the references' replay/control disagreement ratio) when the replayed rows look
-    easier than the control inputs. Returns (floor rate, p); without labelled controls, (0, 0).
+    Such a model disagrees with us exactly where we are wrong. Where we are wrong is unknown on the
+    replayed rows, but how many reference models disagree with us on a row tells how likely it is: on
+    the labelled control inputs, our error rate is estimated among rows where no, a minority or a
+    majority of references disagree with us (Jeffreys posterior). The disagreement count is then a sum
+    of binomials, one per group;
+    its lower tail is averaged over `draws` posterior draws of the rates (fixed seed). Returns (expected
+    disagreement rate, p); without labelled controls, (0, 0), and the test rests on the first null.
     """
-    if victim_errors is None:
+    if true_labels is None or victim_replay.size == 0:
         return 0.0, 0.0
-    errors, rows = victim_errors
-    quantiles = (np.arange(200) + 0.5) / 200
-    rates = stats.beta.ppf(quantiles, errors + 0.5, rows - errors + 0.5) * difficulty
-    p = float(np.mean(stats.binom.cdf(d_replay, m, rates)))
-    return float(np.mean(rates)), p
+
+    # Three groups: no reference disagrees with us, a minority does, a majority does. Finer groups would
+    # leave too few labelled control rows per group, and the prior would then inflate their rates.
+    def group(refs: list[np.ndarray], victim: np.ndarray) -> np.ndarray:
+        dissent = np.mean([r != victim for r in refs], axis=0)
+        return np.digitize(dissent, [1e-9, 0.5 + 1e-9])
+
+    group_control, group_replay = group(ref_control, victim_control), group(ref_replay, victim_replay)
+    wrong = (victim_control != true_labels).astype(np.float64)
+    errors = np.bincount(group_control, weights=wrong, minlength=3)
+    totals = np.bincount(group_control, minlength=3)
+    rows_per_bin = np.bincount(group_replay, minlength=3)
+    used = np.flatnonzero(rows_per_bin)
+    rng = np.random.default_rng(0)
+    rates = rng.beta(errors[used] + 0.5, totals[used] - errors[used] + 0.5, size=(draws, used.size))
+    tails = np.empty(draws)
+    counts = np.arange(d_replay + 1)
+    for draw in range(draws):
+        # Distribution of the total, truncated at d_replay (only its lower tail is needed).
+        pmf = np.ones(1)
+        for rows, rate in zip(rows_per_bin[used], rates[draw], strict=True):
+            pmf = np.convolve(pmf, stats.binom.pmf(counts, rows, rate))[: d_replay + 1]
+        tails[draw] = min(1.0, float(pmf.sum()))
+    expected = float(np.mean(rates @ rows_per_bin[used]) / victim_replay.size)
+    return expected, float(tails.mean())
 
 
 def _output_replay_test(
@@ -659,9 +691,6 @@ def run_scan_tests(
     ref_probs = [_full_proba(model, control_inputs, n_classes) for model in kit.models]
     ref_control = [np.argmax(p, axis=1) for p in ref_probs]
 
-    victim_errors = (
-        None if true_labels is None else (int(np.sum(victim_control != true_labels)), int(true_labels.size))
-    )
     tests: list[TestResult] = []
     for replay in replays:
         suffix = f"[client {replay.client_id}]"
@@ -679,7 +708,7 @@ def run_scan_tests(
                 control_labels,
                 victim_control,
                 ref_control,
-                victim_errors,
+                true_labels,
             )
         )
         tests.append(
