@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
+import psutil
 import psycopg
 import redis
 
@@ -89,8 +90,24 @@ class Server:
     host: str
     port: int
     headers: dict[str, str] = field(default_factory=dict)
+    root_pids: Callable[[], list[int]] = list
+    operator_url: str = ""
+    admin_token: str = ""
     audited_rows: Callable[[], int] | None = None
     audit_backlog: Callable[[], int] | None = None
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the server's processes and their children."""
+        total = 0.0
+        for pid in self.root_pids():
+            try:
+                root = psutil.Process(pid)
+                for process in [root, *root.children(recursive=True)]:
+                    times = process.cpu_times()
+                    total += times.user + times.system
+            except psutil.Error:
+                continue
+        return total
 
     def target(self, bodies: list[bytes]) -> Target:
         return Target(self.host, self.port, f"/v2/models/{MODEL_NAME}/infer", self.headers, bodies)
@@ -114,18 +131,56 @@ def _wait_answers(url: str, body: bytes, headers: dict[str, str], timeout: float
     raise TimeoutError(f"{url} does not answer: {last}")
 
 
+class VariantStack(Stack):
+    """A stack whose services get extra environment variables (a lever set differently)."""
+
+    def __init__(self, settings: Settings, options: StackOptions, extra_env: dict[str, str]) -> None:
+        super().__init__(settings, options)
+        self.extra_env = extra_env
+
+    def child_env(self) -> dict[str, str]:
+        return {**super().child_env(), **self.extra_env}
+
+
+STACK_OPTION_KEYS = {"GATEWAY_WORKERS", "INFERENCE_WORKERS", "INFERENCE_CONCURRENCY"}
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """`name:KEY=VALUE,KEY=VALUE` -> ("modelprint[name]", {KEY: VALUE}).
+
+    Keys are environment variables of the services, or GATEWAY_WORKERS, INFERENCE_WORKERS and
+    INFERENCE_CONCURRENCY (process counts of the stack).
+    """
+    name, _, assignments = spec.partition(":")
+    env = dict(item.split("=", 1) for item in assignments.split(",") if item)
+    return f"modelprint[{name}]", env
+
+
+def stack_options(args: argparse.Namespace, overrides: dict[str, str]) -> StackOptions:
+    """The stack's process counts: the command line's, or a variant's."""
+    return StackOptions(
+        inference_workers=int(overrides.get("INFERENCE_WORKERS", args.inference_workers)),
+        inference_concurrency=int(overrides.get("INFERENCE_CONCURRENCY", args.inference_concurrency)),
+        gateway_workers=int(overrides.get("GATEWAY_WORKERS", args.gateway_workers)),
+        with_beat=True,
+    )
+
+
 @contextmanager
 def modelprint_server(
-    folder: Path, model_path: Path, reference_path: Path, options: StackOptions, probe: bytes
+    name: str,
+    folder: Path,
+    model_path: Path,
+    reference_path: Path,
+    options: StackOptions,
+    probe: bytes,
+    extra_env: dict[str, str],
 ) -> Iterator[Server]:
     """The stack as `modelprint up` runs it, with the model deployed and one API key."""
     settings = Settings(
-        data_dir=folder / "modelprint",
-        gateway_port=free_port(),
-        auditor_port=free_port(),
-        log_level="WARNING",
+        data_dir=folder / name, gateway_port=free_port(), auditor_port=free_port(), log_level="WARNING"
     )
-    stack = Stack(settings, options)
+    stack = VariantStack(settings, options, extra_env)
     try:
         stack.start()
         with OperatorClient(settings.auditor_url, load_secrets(settings).admin_token) as operator:
@@ -150,10 +205,21 @@ def modelprint_server(
 
         try:
             yield Server(
-                "modelprint",
+                name,
                 settings.gateway_host,
                 settings.gateway_port,
                 headers,
+                operator_url=settings.auditor_url,
+                admin_token=load_secrets(settings).admin_token,
+                root_pids=lambda: [
+                    process.pid
+                    for process in [
+                        *(service.process for service in stack.services),
+                        stack.redis.process if stack.redis else None,
+                        stack.postgres.process if stack.postgres else None,
+                    ]
+                    if process is not None
+                ],
                 audited_rows=audited_rows,
                 audit_backlog=audit_backlog,
             )
@@ -176,7 +242,7 @@ def subprocess_server(
     try:
         wait_for_port("127.0.0.1", port, 120, process)
         _wait_answers(f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/infer", probe, {}, 120)
-        yield Server(name, "127.0.0.1", port)
+        yield Server(name, "127.0.0.1", port, root_pids=lambda: [process.pid])
     finally:
         if process.poll() is None:
             os.killpg(process.pid, 15)
@@ -254,16 +320,33 @@ class LoadPoint:
 @dataclass
 class Measurements:
     runs: dict[tuple[LoadPoint, str], list[LoadResult]] = field(default_factory=dict)
-    drains: dict[LoadPoint, list[float]] = field(default_factory=dict)
-    backlogs: dict[LoadPoint, list[int]] = field(default_factory=dict)
+    cpu_ms: dict[tuple[LoadPoint, str], list[float]] = field(default_factory=dict)
+    drains: dict[tuple[LoadPoint, str], list[float]] = field(default_factory=dict)
+    backlogs: dict[tuple[LoadPoint, str], list[int]] = field(default_factory=dict)
+
+
+def settle(server: Server) -> int:
+    """Wait until the audit queue is empty and the stored row count stops moving; that count."""
+    if server.audited_rows is None or server.audit_backlog is None:
+        return 0
+    deadline = time.monotonic() + AUDIT_DRAIN_LIMIT_S
+    count = server.audited_rows()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        latest = server.audited_rows()
+        if latest == count and server.audit_backlog() == 0:
+            break
+        count = latest
+    return count
 
 
 def measure(
     server: Server, point: LoadPoint, bodies: list[bytes], seconds: float, results: Measurements
 ) -> None:
     """One run of a load point against one server (and, for modelprint, wait for its audit trail)."""
-    before = server.audited_rows() if server.audited_rows else 0
+    before = settle(server)
     target = server.target(bodies)
+    cpu_before = server.cpu_seconds()
     if point.mode == "closed":
         result = closed_loop(target, point.level, seconds)
     else:
@@ -277,8 +360,11 @@ def measure(
             if time.monotonic() - ended > AUDIT_DRAIN_LIMIT_S:
                 break
             time.sleep(0.05)
-        results.drains.setdefault(point, []).append(time.monotonic() - ended)
-        results.backlogs.setdefault(point, []).append(backlog)
+        results.drains.setdefault((point, server.name), []).append(time.monotonic() - ended)
+        results.backlogs.setdefault((point, server.name), []).append(backlog)
+    # For modelprint this includes storing the run's rows (the drain), part of its cost per request.
+    cpu_used = server.cpu_seconds() - cpu_before
+    results.cpu_ms.setdefault((point, server.name), []).append(cpu_used * 1e3 / max(1, result.ok))
 
 
 def _median(values: list[float]) -> float:
@@ -288,8 +374,8 @@ def _median(values: list[float]) -> float:
 def print_table(points: list[LoadPoint], servers: list[str], results: Measurements) -> None:
     """Medians per point and server, then modelprint's ratios to the others."""
     print(
-        f"\n{'load':<24} {'server':<11} {'req/s':>8} {'pred/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
-        f"{'p99 ms':>8} {'errors':>7} {'req/s range':>15}"
+        f"\n{'load':<24} {'server':<20} {'req/s':>8} {'pred/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+        f"{'p99 ms':>8} {'errors':>7} {'req/s range':>15} {'CPU ms/req':>10}"
     )
     for point in points:
         for name in servers:
@@ -298,25 +384,30 @@ def print_table(points: list[LoadPoint], servers: list[str], results: Measuremen
                 continue
             rates = [run.throughput for run in runs]
             print(
-                f"{point.label:<24} {name:<11} {_median(rates):>8.0f} {_median(rates) * point.rows:>8.0f} "
+                f"{point.label:<24} {name:<20} {_median(rates):>8.0f} {_median(rates) * point.rows:>8.0f} "
                 f"{_median([r.p50_ms for r in runs]):>8.1f} {_median([r.p95_ms for r in runs]):>8.1f} "
                 f"{_median([r.p99_ms for r in runs]):>8.1f} {sum(r.errors for r in runs):>7} "
-                f"{min(rates):>7.0f}-{max(rates):<7.0f}"
+                f"{min(rates):>7.0f}-{max(rates):<7.0f} {_median(results.cpu_ms[(point, name)]):>10.2f}"
             )
-        if point in results.drains:
-            print(
-                f"{'':<24} audit: every answered row in PostgreSQL within "
-                f"{max(results.drains[point]):.2f} s of the load's end "
-                f"(longest of {len(results.drains[point])}); "
-                f"audit queue at the end: {max(results.backlogs[point])} messages"
-            )
-    others = [name for name in servers if name != "modelprint"]
-    if "modelprint" not in servers or not others:
+        for name in servers:
+            drains = results.drains.get((point, name))
+            if drains:
+                print(
+                    f"{'':<24} {name}: every answered row in PostgreSQL within {max(drains):.2f} s of the "
+                    f"load's end (longest of {len(drains)}); audit queue at the end: "
+                    f"{max(results.backlogs[(point, name)])} messages"
+                )
+    ours_names = [name for name in servers if name.startswith("modelprint")]
+    others = [name for name in servers if name not in ours_names]
+    if not ours_names or not others:
         return
     print("\nmodelprint as a ratio of the others (req/s: higher is better; p99: lower is better)")
-    print(f"{'load':<24} " + " ".join(f"{'req/s vs ' + o:>16} {'p99 vs ' + o:>14}" for o in others))
-    for point in points:
-        ours = results.runs.get((point, "modelprint"))
+    print(
+        f"{'load':<24} {'server':<22} "
+        + " ".join(f"{'req/s vs ' + o:>16} {'p99 vs ' + o:>14}" for o in others)
+    )
+    for point, our_name in ((point, name) for point in points for name in ours_names):
+        ours = results.runs.get((point, our_name))
         if not ours:
             continue
         cells = []
@@ -328,7 +419,7 @@ def print_table(points: list[LoadPoint], servers: list[str], results: Measuremen
             throughput = _median([r.throughput for r in ours]) / _median([r.throughput for r in theirs])
             p99 = _median([r.p99_ms for r in ours]) / _median([r.p99_ms for r in theirs])
             cells.append(f"{throughput:>15.2f}x {p99:>13.2f}x")
-        print(f"{point.label:<24} " + " ".join(cells))
+        print(f"{point.label:<24} {our_name:<22} " + " ".join(cells))
 
 
 def main() -> None:
@@ -343,12 +434,22 @@ def main() -> None:
     parser.add_argument("--batch-rates", default="100", help="open-loop batch-80 requests/s")
     parser.add_argument("--batch", type=int, default=80, help="rows per batch request")
     parser.add_argument("--mlserver", type=Path, default=DEFAULT_MLSERVER, help="the mlserver executable")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="also run a modelprint stack with these environment variables (a lever set differently), "
+        "e.g. nobatch:MODELPRINT_MICRO_BATCH_WINDOW_MS=0",
+    )
     parser.add_argument("--inference-workers", type=int, default=1)
     parser.add_argument("--inference-concurrency", type=int, default=2)
+    parser.add_argument("--gateway-workers", type=int, default=1)
     args = parser.parse_args()
     if not wrk_available():
         sys.exit("wrk is not installed: `apt-get install -y wrk`")
-    servers = args.servers.split(",")
+    variants = dict(parse_variant(spec) for spec in args.variant)
+    servers = args.servers.split(",") + list(variants)
     if "mlserver" in servers and not args.mlserver.exists():
         sys.exit(f"{args.mlserver} not found: run `make bench-setup` (or pass --mlserver)")
     points = [
@@ -376,13 +477,13 @@ def main() -> None:
         started_servers: list[Server] = []
         for name in servers:
             print(f"starting {name} ...", flush=True)
-            if name == "modelprint":
-                options = StackOptions(
-                    inference_workers=args.inference_workers,
-                    inference_concurrency=args.inference_concurrency,
-                    with_beat=True,
+            if name.startswith("modelprint"):
+                overrides = variants.get(name, {})
+                env = {key: value for key, value in overrides.items() if key not in STACK_OPTION_KEYS}
+                options = stack_options(args, overrides)
+                server = modelprint_server(
+                    name, folder, model_path, folder / "reference.npz", options, probe, env
                 )
-                server = modelprint_server(folder, model_path, folder / "reference.npz", options, probe)
             elif name == "mlserver":
                 server = mlserver_server(folder, trained, args.mlserver, probe)
             elif name == "bare":
@@ -401,11 +502,12 @@ def main() -> None:
     load_after = os.getloadavg()
     print(
         f"\nmodel: {trained.description}; {args.repeats} runs of {args.seconds:g} s per cell (medians; "
-        f"range = min-max req/s); modelprint: {args.inference_workers} inference worker(s) x "
-        f"{args.inference_concurrency}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
+        f"range = min-max req/s); modelprint: {args.gateway_workers} gateway process(es), "
+        f"{args.inference_workers} inference worker(s) x {args.inference_concurrency}; "
+        f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
         f"{time.monotonic() - started:.0f} s in all"
     )
-    print_table(points, list(servers), results)
+    print_table(points, [server.name for server in started_servers], results)
 
 
 if __name__ == "__main__":

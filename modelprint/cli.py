@@ -41,7 +41,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     stack = Stack(
         settings,
-        StackOptions(inference_workers=args.inference_workers, inference_concurrency=args.concurrency),
+        StackOptions(
+            inference_workers=args.inference_workers,
+            inference_concurrency=args.concurrency,
+            gateway_workers=args.gateway_workers,
+        ),
     )
     print(f"modelprint: starting on data dir {settings.data_dir} ...", flush=True)
     stack.start()
@@ -386,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--inference-workers", type=int, default=1, help="inference worker processes")
     up.add_argument("--concurrency", type=int, default=2, help="pool size of each inference worker")
+    up.add_argument("--gateway-workers", type=int, default=1, help="gateway (uvicorn) worker processes")
     up.set_defaults(handler=cmd_up)
 
     demo = commands.add_parser("demo", help="bring the stack up and walk through a fingerprinted prediction")
