@@ -114,14 +114,17 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         from services.inference.tasks import settings as inference_settings
 
         queue, default_concurrency = QUEUE_INFERENCE, inference_settings.inference_concurrency
+        pool = inference_settings.inference_pool
     else:
         from services.auditor.tasks import app
         from services.auditor.tasks import settings as auditor_settings
 
         if args.queue == "scans":
             queue, default_concurrency = QUEUE_SCANS, auditor_settings.scan_worker_concurrency
+            pool = "prefork"  # scans need the hard time limit, which only a pool child can get
         else:
             queue, default_concurrency = QUEUE_AUDIT, auditor_settings.audit_concurrency
+            pool = auditor_settings.audit_pool
     concurrency = args.concurrency or default_concurrency
     app.worker_main(
         [
@@ -130,6 +133,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             queue,
             "--concurrency",
             str(concurrency),
+            "--pool",
+            pool,
             "--hostname",
             f"{args.queue}-%i@%h" if args.queue == "inference" else f"{args.queue}@%h",
             "--without-gossip",
