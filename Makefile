@@ -17,6 +17,7 @@ setup: $(STAMP)
 # MLServer for bench/end_to_end.py, in its own virtualenv: it pins fastapi < 0.116, which modelprint
 # cannot share, and breaks with uvloop >= 0.22 (no current event loop in its inference workers).
 bench-setup: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(PYTHON) -m venv .venv-mlserver
 	.venv-mlserver/bin/pip install --quiet --disable-pip-version-check 'mlserver==1.7.1' \
 		'mlserver-sklearn==1.7.1' 'uvloop<0.22' \

@@ -14,10 +14,22 @@ Every load point (single-row or batch-80 requests; closed loop at several concur
 open loop at fixed rates) runs against the three servers in turn, repeated with the order rotated,
 and the table shows medians; modelprint's figures also as ratios to the other two. After every
 modelprint run the benchmark waits until every row answered in that run is in PostgreSQL and prints
-the longest such wait ("audit drain"): the lag of the last answered row behind the gateway.
+the longest such wait ("audit drain"): the lag of the last answered row behind the gateway. Before
+every modelprint run it waits for the audit queue to be empty, so runs do not inherit a backlog.
 
-    .venv/bin/python -m bench.end_to_end                     # about 10 minutes
+"CPU ms/req" is the CPU time (user + system) of the server's whole process tree during the run
+(for modelprint: gateway, workers, beat, operator API, Redis and PostgreSQL, including storing
+the run's rows) divided by the requests answered. On a machine shared with other work it is far
+steadier than throughput, which depends on how much CPU the other work leaves.
+
+`--variant NAME:KEY=VALUE,...` adds a modelprint stack with other settings (environment variables
+of the services, or GATEWAY_WORKERS / INFERENCE_WORKERS / INFERENCE_CONCURRENCY), measured in the
+same rotation: a lever's before and after, side by side.
+
+    .venv/bin/python -m bench.end_to_end                     # about 15 minutes
     .venv/bin/python -m bench.end_to_end --seconds 5 --repeats 1 --concurrency 16 --rates 200
+    .venv/bin/python -m bench.end_to_end --servers modelprint,mlserver \
+        --variant nobatch:MODELPRINT_MICRO_BATCH_WINDOW_MS=0
 
 Needs `wrk` (`apt-get install -y wrk`) and, for the MLServer column, `make bench-setup`.
 """
