@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo up test test-fast lint clean
+.PHONY: setup bench-setup demo up test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "modelprint needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
@@ -13,6 +13,15 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+# MLServer for bench/end_to_end.py, in its own virtualenv: it pins fastapi < 0.116, which modelprint
+# cannot share, and breaks with uvloop >= 0.22 (no current event loop in its inference workers).
+bench-setup: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PYTHON) -m venv .venv-mlserver
+	.venv-mlserver/bin/pip install --quiet --disable-pip-version-check 'mlserver==1.7.1' \
+		'mlserver-sklearn==1.7.1' 'uvloop<0.22' \
+		"scikit-learn==$$($(BIN)/python -c 'import sklearn; print(sklearn.__version__)')"
 
 demo: setup
 	$(BIN)/modelprint demo
@@ -32,4 +41,4 @@ lint: setup
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-mlserver .pytest_cache .mypy_cache .ruff_cache

@@ -41,7 +41,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     stack = Stack(
         settings,
-        StackOptions(inference_workers=args.inference_workers, inference_concurrency=args.concurrency),
+        StackOptions(
+            inference_workers=args.inference_workers,
+            inference_concurrency=args.concurrency,
+            gateway_workers=args.gateway_workers,
+        ),
     )
     print(f"modelprint: starting on data dir {settings.data_dir} ...", flush=True)
     stack.start()
@@ -110,14 +114,17 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         from services.inference.tasks import settings as inference_settings
 
         queue, default_concurrency = QUEUE_INFERENCE, inference_settings.inference_concurrency
+        pool = inference_settings.inference_pool
     else:
         from services.auditor.tasks import app
         from services.auditor.tasks import settings as auditor_settings
 
         if args.queue == "scans":
             queue, default_concurrency = QUEUE_SCANS, auditor_settings.scan_worker_concurrency
+            pool = "prefork"  # scans need the hard time limit, which only a pool child can get
         else:
             queue, default_concurrency = QUEUE_AUDIT, auditor_settings.audit_concurrency
+            pool = auditor_settings.audit_pool
     concurrency = args.concurrency or default_concurrency
     app.worker_main(
         [
@@ -126,6 +133,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             queue,
             "--concurrency",
             str(concurrency),
+            "--pool",
+            pool,
             "--hostname",
             f"{args.queue}-%i@%h" if args.queue == "inference" else f"{args.queue}@%h",
             "--without-gossip",
@@ -386,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--inference-workers", type=int, default=1, help="inference worker processes")
     up.add_argument("--concurrency", type=int, default=2, help="pool size of each inference worker")
+    up.add_argument("--gateway-workers", type=int, default=1, help="gateway (uvicorn) worker processes")
     up.set_defaults(handler=cmd_up)
 
     demo = commands.add_parser("demo", help="bring the stack up and walk through a fingerprinted prediction")

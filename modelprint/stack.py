@@ -63,6 +63,7 @@ class StackOptions:
 
     inference_workers: int = 1
     inference_concurrency: int = 2
+    gateway_workers: int = 1
     with_beat: bool = True
     ready_timeout: float = 90.0
 
@@ -167,7 +168,10 @@ class Stack:
             )
         if self.options.with_beat:
             specs.append(("beat", [*cli, "beat"]))
-        specs.append(("gateway", [*cli, "serve", "gateway"]))
+        gateway = [*cli, "serve", "gateway"]
+        if self.options.gateway_workers > 1:
+            gateway += ["--workers", str(self.options.gateway_workers)]
+        specs.append(("gateway", gateway))
         self.services = [ServiceProcess(name, argv, self.log_dir / f"{name}.log") for name, argv in specs]
 
     def wait_ready(self, timeout: float) -> None:

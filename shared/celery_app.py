@@ -16,13 +16,18 @@ from shared.names import (
     TASK_RUN_SCAN,
 )
 
+# The prediction path's messages (a request's rows, its audit record) go as msgpack: kombu's JSON
+# takes about 5 ms to encode and 3 ms to decode a batch of 80 rows x 80 floats, msgpack 0.2 ms.
+# Other tasks keep JSON, which also carries dates.
+FAST_SERIALIZER = "msgpack"
+
 
 def create_celery_app(settings: Settings, main: str = "modelprint") -> Celery:
     """A Celery app bound to the settings' Redis, with explicit queues and at-least-once delivery."""
     app = Celery(main, broker=settings.require_redis_url())
     app.conf.update(
         task_serializer="json",
-        accept_content=["json"],
+        accept_content=["json", FAST_SERIALIZER],
         result_serializer="json",
         # Replies to the gateway travel on a Redis pub/sub channel; no result backend needed.
         task_ignore_result=True,

@@ -21,3 +21,5 @@ TASK_DISPATCH_SCANS: Final = "scans.dispatch_due"
 REDIS_API_KEYS: Final = "modelprint:apikeys"
 REDIS_MODELS: Final = "modelprint:models"
 REDIS_REPLY_CHANNEL_PREFIX: Final = "modelprint:replies:"
+# Set while a scoring of the client waits on the audit queue (the auditor's own bookkeeping).
+REDIS_SCORING_PENDING_PREFIX: Final = "modelprint:scoring-pending:"

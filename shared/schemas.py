@@ -32,20 +32,27 @@ class ClientIdentity(BaseModel):
     name: str
 
 
-class PredictJob(BaseModel):
-    """One gateway request for the inference queue."""
+class PredictRequest(BaseModel):
+    """One gateway request: a client's rows."""
 
     request_id: str
-    reply_to: str
     client_id: int
-    model: str
-    version: int
     instances: list[list[float]]
     received_at: datetime
 
 
+class PredictJob(BaseModel):
+    """One task on the inference queue: the requests a gateway coalesced for one model version."""
+
+    job_id: str
+    reply_to: str
+    model: str
+    version: int
+    requests: list[PredictRequest] = Field(min_length=1)
+
+
 class PredictReply(BaseModel):
-    """The inference worker's answer, published on the gateway's reply channel."""
+    """The inference worker's answer to one request."""
 
     request_id: str
     ok: bool
@@ -55,6 +62,12 @@ class PredictReply(BaseModel):
     classes: list[ClassLabel] = Field(default_factory=list)
     label_indices: list[int] = Field(default_factory=list)
     probabilities: list[list[float]] = Field(default_factory=list)
+
+
+class PredictReplies(BaseModel):
+    """The answers to one job, published together on the gateway's reply channel."""
+
+    replies: list[PredictReply]
 
 
 class QueryBatch(BaseModel):

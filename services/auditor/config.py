@@ -1,5 +1,7 @@
 """Auditor settings: uploads, the registry sync and the audit worker pool."""
 
+from typing import Literal
+
 from pydantic import Field
 
 from shared.config import Settings
@@ -9,6 +11,7 @@ class AuditorSettings(Settings):
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     registry_sync_seconds: float = Field(default=30.0, gt=0)
     audit_concurrency: int = Field(default=1, ge=1)
+    audit_pool: Literal["prefork", "solo"] = "prefork"
     audit_page_limit: int = Field(default=1000, ge=1)
     # Comma-separated hosts webhooks may reach although they resolve to private/loopback addresses.
     webhook_allowed_hosts: str = ""

@@ -182,12 +182,29 @@ class StoredBatch:
 
 def store_query_batch(session: Session, batch: QueryBatch) -> StoredBatch:
     """Append a request's rows to the client's hash chain with one COPY; redelivered rows are skipped."""
-    chain = lock_chain(session, batch.client_id)
-    # Under the chain lock, a concurrent redelivery of the same batch sees these rows once committed.
+    return store_client_batches(session, batch.client_id, [batch])
+
+
+def store_client_batches(session: Session, client_id: int, batches: list[QueryBatch]) -> StoredBatch:
+    """Append several requests of one client, in order, under one chain lock and with one COPY."""
+    if any(batch.client_id != client_id for batch in batches):
+        raise ValueError(f"every batch must belong to client {client_id}")
+    chain = lock_chain(session, client_id)
+    # Under the chain lock, a concurrent redelivery of the same batches sees these rows once committed.
     already = set(
-        session.scalars(select(QueryRecord.row_index).where(QueryRecord.request_id == batch.request_id))
+        session.execute(
+            select(QueryRecord.request_id, QueryRecord.row_index).where(
+                QueryRecord.client_id == client_id,
+                QueryRecord.request_id.in_([batch.request_id for batch in batches]),
+            )
+        ).tuples()
     )
-    rows = [row for row in batch.rows() if row["row_index"] not in already]
+    rows = [
+        row
+        for batch in batches
+        for row in batch.rows()
+        if not already or (row["request_id"], row["row_index"]) not in already
+    ]
     length_before = chain.length
     if not rows:
         return StoredBatch(0, length_before, length_before)
@@ -196,6 +213,17 @@ def store_query_batch(session: Session, batch: QueryBatch) -> StoredBatch:
     copy_rows(session, rows)
     session.flush()
     return StoredBatch(len(rows), length_before, chain.length)
+
+
+def store_query_batches(session: Session, batches: list[QueryBatch]) -> dict[int, StoredBatch]:
+    """Store a job's requests, each client's together; chains are locked in client order (no deadlock)."""
+    by_client: dict[int, list[QueryBatch]] = {}
+    for batch in batches:
+        by_client.setdefault(batch.client_id, []).append(batch)
+    return {
+        client_id: store_client_batches(session, client_id, by_client[client_id])
+        for client_id in sorted(by_client)
+    }
 
 
 def copy_rows(session: Session, rows: list[dict[str, Any]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -22,6 +23,7 @@ from shared.logs import configure_logging
 from shared.names import (
     QUEUE_AUDIT,
     QUEUE_SCANS,
+    REDIS_SCORING_PENDING_PREFIX,
     TASK_DELIVER_WEBHOOK,
     TASK_DISPATCH_SCANS,
     TASK_RECORD_QUERIES,
@@ -56,6 +58,7 @@ app.conf.beat_schedule = {
     },
 }
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+SCORING_MARK_SECONDS = 60
 profiles = suspicion.ProfileCache()
 kits = scans.KitCache()
 
@@ -83,14 +86,39 @@ def _init_worker_process(**_: Any) -> None:
     max_retries=None,
 )
 def record_queries(**payload: Any) -> int:
-    """Store one request's answered rows; redelivery after a crash inserts nothing twice."""
-    batch = QueryBatch.model_validate(payload)
+    """Store the answered rows of a job's requests in one transaction; a redelivery inserts nothing twice.
+
+    The payload is `{"batches": [QueryBatch, ...]}`, or one QueryBatch (messages of earlier versions).
+    """
+    raw_batches = payload["batches"] if "batches" in payload else [payload]
+    batches = [QueryBatch.model_validate(raw) for raw in raw_batches]
     with session_scope(_database_url()) as session:
-        stored = service.store_query_batch(session, batch)
+        stored = service.store_query_batches(session, batches)
     every = settings.suspicion_every
-    if stored.inserted and stored.length_before // every != stored.length_after // every:
-        score_client_task.apply_async(args=[batch.client_id], queue=QUEUE_AUDIT)
-    return stored.inserted
+    for client_id, result in stored.items():
+        if result.inserted and result.length_before // every != result.length_after // every:
+            queue_scoring(client_id)
+    return sum(result.inserted for result in stored.values())
+
+
+def claim_scoring(client: redis.Redis, client_id: int) -> bool:
+    """True if no scoring of the client is waiting on the queue (and mark one as waiting).
+
+    A waiting scoring covers every row stored before it starts, so a second one would only repeat
+    it; under heavy traffic (one trigger per `suspicion_every` rows) this keeps the audit worker
+    storing rows instead of rescoring. The mark expires, so a lost task cannot stop scoring.
+    """
+    return bool(client.set(f"{REDIS_SCORING_PENDING_PREFIX}{client_id}", 1, nx=True, ex=SCORING_MARK_SECONDS))
+
+
+def queue_scoring(client_id: int) -> None:
+    """Queue a scoring of the client's new rows unless one is already waiting."""
+    try:
+        claimed = claim_scoring(registry_client(), client_id)
+    except redis.RedisError:
+        claimed = True  # queueing below reports the outage as before
+    if claimed:
+        score_client_task.apply_async(args=[client_id], queue=QUEUE_AUDIT)
 
 
 @app.task(name=TASK_SYNC_REGISTRY, autoretry_for=(*TRANSIENT_DB_ERRORS, redis.ConnectionError), max_retries=3)
@@ -104,6 +132,9 @@ def sync_registry() -> dict[str, int]:
 @app.task(name=TASK_SCORE_CLIENT, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=5)
 def score_client_task(client_id: int) -> int:
     """Score a client's new queries; raise or refresh an extraction_suspected alert on alarms."""
+    # From here on, newly stored rows need another scoring: let the next trigger queue one.
+    with contextlib.suppress(redis.RedisError):
+        registry_client().delete(f"{REDIS_SCORING_PENDING_PREFIX}{client_id}")
     alarming: list[tuple[str, str, dict[str, Any]]] = []
     with session_scope(_database_url()) as session:
         scores = suspicion.score_client(session, client_id, profiles)
@@ -124,7 +155,7 @@ def score_all() -> int:
     with session_scope(_database_url()) as session:
         client_ids = suspicion.clients_to_score(session)
     for client_id in client_ids:
-        score_client_task.apply_async(args=[client_id], queue=QUEUE_AUDIT)
+        queue_scoring(client_id)
     return len(client_ids)
 
 

@@ -2,7 +2,7 @@
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -11,6 +11,7 @@ from fastapi import FastAPI, Header, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway import service
 from services.gateway.config import GatewaySettings
@@ -34,13 +35,45 @@ def _labels(model: DeployedModel, reply: PredictReply) -> list[Any]:
     return [model.classes[index] for index in reply.label_indices]
 
 
+class MetricsMiddleware:
+    """Counts requests and observes latency by route (plain ASGI: BaseHTTPMiddleware costs ~0.2 ms)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route_path = getattr(scope.get("route"), "path", "unmatched")
+            LATENCY.labels(route_path).observe(time.perf_counter() - started)
+            REQUESTS.labels(route_path, str(status)).inc()
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """The gateway application."""
     settings = settings or GatewaySettings()
     redis_client = aioredis.Redis.from_url(settings.require_redis_url(), health_check_interval=10)
     celery = create_celery_app(settings, main="modelprint-gateway")
     dispatcher = service.Dispatcher(
-        celery, redis_client, settings.predict_timeout_seconds, settings.max_inference_backlog
+        celery,
+        redis_client,
+        settings.predict_timeout_seconds,
+        settings.max_inference_backlog,
+        window=settings.micro_batch_window_ms / 1000,
+        max_job_rows=settings.micro_batch_max_rows,
     )
 
     @asynccontextmanager
@@ -54,21 +87,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = FastAPI(title="modelprint gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        route_path = getattr(route, "path", "unmatched")
-        LATENCY.labels(route_path).observe(time.perf_counter() - started)
-        REQUESTS.labels(route_path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(MetricsMiddleware)
 
     async def answer(
         request: Request, name: str, authorization: str | None, v2: bool
     ) -> tuple[DeployedModel, PredictReply]:
-        client = await service.authenticate(redis_client, authorization)
-        model = await service.deployed_model(redis_client, name)
+        client, model = await service.client_and_model(redis_client, authorization, name)
         body = await service.read_body(
             request.stream(), request.headers.get("content-length"), settings.max_body_bytes
         )

@@ -15,7 +15,7 @@ from shared.config import Secrets
 from shared.db import Model, ModelVersion, session_scope
 from shared.fingerprint import FingerprintScheme
 from shared.modelfile import load_model_bytes, sha256_hex
-from shared.schemas import PredictJob, PredictReply, QueryBatch
+from shared.schemas import PredictJob, PredictReply, PredictRequest, QueryBatch
 
 logger = logging.getLogger(__name__)
 
@@ -94,40 +94,66 @@ def predict_fingerprinted(
     return Prediction(label_indices, result.probabilities, result.perturbation)
 
 
+def _error(request_id: str, status: int, message: str) -> PredictReply:
+    return PredictReply(request_id=request_id, ok=False, status=status, error=message)
+
+
 def run_predict_job(
     job: PredictJob, cache: ModelCache, scheme: FingerprintScheme, secrets: Secrets
-) -> tuple[PredictReply, QueryBatch | None]:
-    """Answer one gateway request; the audit batch is None when nothing was answered."""
+) -> tuple[list[PredictReply], list[QueryBatch]]:
+    """Answer every request of a job (one reply each, in order) and the audit batches of those answered.
+
+    The rows of all valid requests go through the model and the fingerprint as one array; each
+    row's answer depends on that row alone, so coalescing changes no answer.
+    """
     try:
         model = cache.get(job.model, job.version)
     except ModelUnavailableError as exc:
-        return PredictReply(request_id=job.request_id, ok=False, status=404, error=str(exc)), None
-    inputs = np.asarray(job.instances, dtype=np.float64)
-    if inputs.ndim != 2 or inputs.shape[1] != model.n_features or not np.all(np.isfinite(inputs)):
-        message = f"expected finite rows of {model.n_features} features, got shape {inputs.shape}"
-        return PredictReply(request_id=job.request_id, ok=False, status=422, error=message), None
-    prediction = predict_fingerprinted(model, inputs, scheme, secrets.active_key)
-    label_indices = prediction.label_indices.tolist()
-    probabilities = prediction.probabilities.tolist()
-    reply = PredictReply(
-        request_id=job.request_id,
-        ok=True,
-        version=model.version,
-        classes=model.classes,
-        label_indices=label_indices,
-        probabilities=probabilities,
-    )
-    batch = QueryBatch(
-        request_id=job.request_id,
-        client_id=job.client_id,
-        model=model.name,
-        version=model.version,
-        scheme=scheme.name,
-        key_id=secrets.active_key_id,
-        answered_at=datetime.now(UTC),
-        inputs=job.instances,
-        probabilities=probabilities,
-        label_indices=label_indices,
-        labels=[str(model.classes[index]) for index in label_indices],
-    )
-    return reply, batch
+        return [_error(request.request_id, 404, str(exc)) for request in job.requests], []
+    replies: dict[str, PredictReply] = {}
+    valid: list[tuple[PredictRequest, np.ndarray]] = []
+    for request in job.requests:
+        inputs = np.asarray(request.instances, dtype=np.float64)
+        if inputs.ndim != 2 or inputs.shape[1] != model.n_features or not np.all(np.isfinite(inputs)):
+            message = f"expected finite rows of {model.n_features} features, got shape {inputs.shape}"
+            replies[request.request_id] = _error(request.request_id, 422, message)
+        else:
+            valid.append((request, inputs))
+    batches: list[QueryBatch] = []
+    if valid:
+        stacked = valid[0][1] if len(valid) == 1 else np.vstack([inputs for _, inputs in valid])
+        prediction = predict_fingerprinted(model, stacked, scheme, secrets.active_key)
+        label_indices = prediction.label_indices.tolist()
+        probabilities = prediction.probabilities.tolist()
+        labels = [str(label) for label in model.classes]
+        answered_at = datetime.now(UTC)
+        start = 0
+        for request, inputs in valid:
+            end = start + inputs.shape[0]
+            request_labels = label_indices[start:end]
+            request_probabilities = probabilities[start:end]
+            start = end
+            replies[request.request_id] = PredictReply(
+                request_id=request.request_id,
+                ok=True,
+                version=model.version,
+                classes=model.classes,
+                label_indices=request_labels,
+                probabilities=request_probabilities,
+            )
+            batches.append(
+                QueryBatch(
+                    request_id=request.request_id,
+                    client_id=request.client_id,
+                    model=model.name,
+                    version=model.version,
+                    scheme=scheme.name,
+                    key_id=secrets.active_key_id,
+                    answered_at=answered_at,
+                    inputs=request.instances,
+                    probabilities=request_probabilities,
+                    label_indices=request_labels,
+                    labels=[labels[index] for index in request_labels],
+                )
+            )
+    return [replies[request.request_id] for request in job.requests], batches

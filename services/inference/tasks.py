@@ -12,12 +12,12 @@ from celery.signals import worker_process_init
 
 from services.inference.config import InferenceSettings
 from services.inference.service import ModelCache, run_predict_job
-from shared.celery_app import create_celery_app
+from shared.celery_app import FAST_SERIALIZER, create_celery_app
 from shared.config import Secrets, load_secrets
 from shared.fingerprint import FingerprintScheme, get_scheme
 from shared.logs import configure_logging
 from shared.names import QUEUE_AUDIT, TASK_PREDICT, TASK_RECORD_QUERIES
-from shared.schemas import PredictJob, PredictReply
+from shared.schemas import PredictJob, PredictReplies, PredictReply
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +59,24 @@ def _init_worker_process(**_: Any) -> None:
     max_retries=5,
 )
 def predict(**payload: Any) -> None:
-    """Predict, fingerprint, enqueue the audit batch, then reply (so no answer goes unrecorded)."""
+    """Predict and fingerprint a job, enqueue its audit batches, then reply (no answer goes unrecorded)."""
     job = PredictJob.model_validate(payload)
     state = runtime()
     try:
-        reply, batch = run_predict_job(job, state.cache, state.scheme, state.secrets)
+        replies, batches = run_predict_job(job, state.cache, state.scheme, state.secrets)
     except Exception:
-        logger.exception("prediction failed", extra={"request_id": job.request_id, "model": job.model})
-        reply = PredictReply(request_id=job.request_id, ok=False, status=500, error="inference failed")
-        batch = None
-    if batch is not None:
-        app.send_task(TASK_RECORD_QUERIES, kwargs=batch.model_dump(mode="json"), queue=QUEUE_AUDIT)
-    state.redis.publish(job.reply_to, reply.model_dump_json())
+        logger.exception("prediction failed", extra={"job_id": job.job_id, "model": job.model})
+        replies = [
+            PredictReply(request_id=request.request_id, ok=False, status=500, error="inference failed")
+            for request in job.requests
+        ]
+        batches = []
+    if batches:
+        # One audit message per job: the auditor stores its requests in one transaction.
+        app.send_task(
+            TASK_RECORD_QUERIES,
+            kwargs={"batches": [batch.model_dump(mode="json") for batch in batches]},
+            queue=QUEUE_AUDIT,
+            serializer=FAST_SERIALIZER,
+        )
+    state.redis.publish(job.reply_to, PredictReplies(replies=replies).model_dump_json())

@@ -167,7 +167,11 @@ def worker_argv(monkeypatch: pytest.MonkeyPatch, queue: str) -> list[str]:
     fake = ModuleType(f"services.{'inference' if queue == 'inference' else 'auditor'}.tasks")
     fake.app = SimpleNamespace(worker_main=recorded.append)  # type: ignore[attr-defined]
     fake.settings = SimpleNamespace(  # type: ignore[attr-defined]
-        inference_concurrency=2, audit_concurrency=1, scan_worker_concurrency=1
+        inference_concurrency=2,
+        audit_concurrency=1,
+        scan_worker_concurrency=1,
+        inference_pool="prefork",
+        audit_pool="prefork",
     )
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
     cli.cmd_worker(argparse.Namespace(queue=queue, concurrency=None), SimpleNamespace(log_level="INFO"))  # type: ignore[arg-type]

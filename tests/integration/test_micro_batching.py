@@ -1,0 +1,127 @@
+"""The gateway's micro-batcher against the real Redis, Celery and inference worker.
+
+Concurrent requests are coalesced into one inference job; each caller must get exactly its own
+rows' answers (the same as when asked alone), an error in one request must not touch the others,
+and every answered row must reach its own client's audit history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from services.gateway.config import GatewaySettings
+from services.gateway.service import Dispatcher, deployed_model
+from shared.celery_app import create_celery_app
+from shared.http import ApiError
+from shared.schemas import ClientIdentity, PredictReply
+from tests.conftest import DeployedTestModel, RunningStack, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+async def _dispatch(
+    running_stack: RunningStack,
+    model_name: str,
+    requests: list[tuple[int, np.ndarray]],
+    window: float,
+    max_job_rows: int = 1024,
+) -> tuple[list[PredictReply | BaseException], int]:
+    """Send the requests concurrently through a Dispatcher; (replies or errors, jobs sent)."""
+    settings = GatewaySettings(redis_url=running_stack.stack.redis_url)
+    redis_client = aioredis.Redis.from_url(settings.require_redis_url())
+    celery = create_celery_app(settings, main="test-micro-batching")
+    dispatcher = Dispatcher(
+        celery, redis_client, timeout=30, max_backlog=5000, window=window, max_job_rows=max_job_rows
+    )
+    await dispatcher.start()
+    try:
+        model = await deployed_model(redis_client, model_name)
+        replies = await asyncio.gather(
+            *(
+                dispatcher.predict(ClientIdentity(client_id=client_id, name="batcher"), model, rows)
+                for client_id, rows in requests
+            ),
+            return_exceptions=True,
+        )
+        return list(replies), dispatcher.jobs_sent
+    finally:
+        await dispatcher.stop()
+        await redis_client.aclose()
+        celery.close()
+
+
+def test_coalesced_requests_get_their_own_answers_and_audit_rows(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    clients = [running_stack.new_client("batched") for _ in range(3)]
+    sizes = [1, 5, 2, 1, 7, 3]
+    requests = [
+        (clients[index % 3][0], small_model.X[10 * index : 10 * index + size])
+        for index, size in enumerate(sizes)
+    ]
+    replies, jobs = asyncio.run(_dispatch(running_stack, small_model.name, requests, window=0.3))
+    assert jobs == 1  # all six arrived within the window: one task, one audit message, one reply
+    _, gateway, _ = running_stack.new_client("alone")  # its own history: the batched clients' stay exact
+    with gateway:
+        for (_, rows), reply in zip(requests, replies, strict=True):
+            assert isinstance(reply, PredictReply)
+            assert reply.ok
+            assert [reply.classes[i] for i in reply.label_indices] == small_model.estimator.predict(
+                rows
+            ).tolist()
+            alone = gateway.predict(small_model.name, rows.tolist())
+            # The same fingerprinted answer as alone; the matrix product may round differently in the
+            # last bit for another batch size (as for any two batch sizes), so compare to 1e-12.
+            np.testing.assert_allclose(
+                [p["probabilities"] for p in alone["predictions"]], reply.probabilities, rtol=1e-12, atol=0
+            )
+    for client_id, _, _ in clients:
+        expected = sum(len(rows) for owner, rows in requests if owner == client_id)
+        wait_until(
+            lambda client_id=client_id, expected=expected: running_stack.query_count(client_id) == expected,
+            30,
+            f"client {client_id}'s {expected} coalesced rows in its audit history",
+            interval=0.5,
+        )
+    answered = {reply.request_id: reply.probabilities for reply in replies if isinstance(reply, PredictReply)}
+    with running_stack.operator() as operator:
+        for client_id, _, _ in clients:
+            assert operator.verify_history(client_id)["ok"]
+            records = operator.all_queries(client_id)
+            # Each client's history holds exactly its own requests' rows, as answered, bit for bit.
+            assert {record["request_id"] for record in records} <= set(answered)
+            for record in records:
+                assert record["probabilities"] == answered[record["request_id"]][record["row_index"]]
+
+
+def test_a_bad_request_in_a_job_fails_alone(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    client_id, _, _ = running_stack.new_client("batched-bad")
+    good = small_model.X[:2]
+    wrong_width = np.zeros((1, small_model.X.shape[1] + 1))
+    replies, jobs = asyncio.run(
+        _dispatch(running_stack, small_model.name, [(client_id, good), (client_id, wrong_width)], window=0.3)
+    )
+    assert jobs == 1
+    assert isinstance(replies[0], PredictReply)
+    assert len(replies[0].probabilities) == 2
+    assert isinstance(replies[1], ApiError)
+    assert replies[1].status_code == 422
+    wait_until(lambda: running_stack.query_count(client_id) == 2, 30, "the two good rows recorded", 0.5)
+
+
+def test_a_full_job_leaves_before_its_window_ends(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    client_id, _, _ = running_stack.new_client("batched-full")
+    requests = [(client_id, small_model.X[6 * index : 6 * index + 6]) for index in range(3)]
+    replies, jobs = asyncio.run(
+        _dispatch(running_stack, small_model.name, requests, window=0.3, max_job_rows=10)
+    )
+    assert jobs == 3  # 6 + 6 rows would exceed 10: each request travels alone
+    assert [len(reply.label_indices) for reply in replies if isinstance(reply, PredictReply)] == [6, 6, 6]
