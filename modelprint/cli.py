@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from shared.config import SecretsError, Settings, get_settings, load_secrets
+from shared.fingerprint import SCHEMES, NoFingerprintScheme
 from shared.logs import configure_logging
 
 logger = logging.getLogger("modelprint")
@@ -164,13 +165,23 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
     command = "modelprint " + " ".join(sys.argv[1:])
     running = settings if args.use_running else None
+    # Without --scheme: the setting's own default, or the running stack's scheme with --use-running.
+    scheme_name = args.scheme or (settings.fingerprint_scheme if args.use_running else None)
+    scheme = {} if scheme_name is None else {"scheme": scheme_name}
+    if scheme_name is not None:
+        from modelprint.experiments.common import check_scheme
+
+        try:
+            check_scheme(scheme_name, running)
+        except ValueError as exc:
+            raise CliError(str(exc)) from exc
     if args.setting == "attacks":
         from modelprint.experiments import attack_suite
 
         if args.dataset not in (None, "ecg") or args.trials is not None:
             raise CliError("`experiment attacks` runs the ECG setting once; drop --dataset and --trials")
         out = Path(args.out or "results/attacks")
-        suite = attack_suite.SuiteConfig.make(quick=args.quick, command=command)
+        suite = attack_suite.SuiteConfig.make(quick=args.quick, command=command, **scheme)
         results = attack_suite.run_suite(suite, running)
         paths = attack_suite.write_outputs(results, out)
         failed = results["summary"]["scans_failed"]
@@ -179,7 +190,9 @@ def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
 
         dataset = args.dataset or "ecg"
         out = Path(args.out or ("results/paper" if dataset == "ecg" else f"results/{dataset}"))
-        config = paper.ExperimentConfig.make(dataset, trials=args.trials, quick=args.quick, command=command)
+        config = paper.ExperimentConfig.make(
+            dataset, trials=args.trials, quick=args.quick, command=command, **scheme
+        )
         results = paper.run_experiment(config, running)
         paths = paper.write_outputs(results, out)
         failed = results["summary"]["scans_failed"]
@@ -418,6 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     experiment.add_argument(
         "--out", default=None, help="output dir (default results/paper, results/<dataset> or results/attacks)"
+    )
+    experiment.add_argument(
+        "--scheme",
+        choices=[name for name in SCHEMES if name != NoFingerprintScheme.name],
+        default=None,
+        help="fingerprint scheme of the experiment's stack (default: paper hmac-second-class, the paper's; "
+        "attacks hmac-all-classes, modelprint's)",
     )
     experiment.add_argument(
         "--use-running",

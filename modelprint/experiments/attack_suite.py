@@ -23,6 +23,8 @@ live detectors flagged it; the largest budget of each strategy is sent in chunks
 the auditor to score each chunk, so "flagged after N queries" is exact to 50 queries. Independent
 models (trained by another company on its own ECG data) are scanned against each strategy's largest
 thief, to see whether an unusual replayed history makes the replay tests accuse the innocent.
+
+The suite's own stack fingerprints with modelprint's default scheme unless ``--scheme`` names another.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ from modelprint.experiments.common import (
     LABEL_KINDS,
     Predictor,
     Scanner,
+    check_scheme,
     experiment_stack,
+    fingerprint_of,
+    fingerprint_text,
     make_classifier,
     p_text,
     scan_level,
@@ -63,6 +68,7 @@ from modelprint.experiments.paper import deploy_victim
 from modelprint.training import train_ecg_model
 from shared.config import Settings, load_secrets
 from shared.ecg import generate_ecg
+from shared.fingerprint import DEFAULT_SCHEME
 
 __all__ = ["STRATEGIES", "SuiteConfig", "run_suite", "write_outputs"]
 
@@ -87,6 +93,8 @@ class SuiteConfig:
     families: tuple[str, ...] = FAMILIES
     independent_families: tuple[str, ...] = INDEPENDENT_FAMILIES
     quick: bool = False
+    # The fingerprint scheme of the suite's own stack (a running stack must use it): modelprint's default.
+    scheme: str = DEFAULT_SCHEME
     command: str = ""
     progress: bool = True
     scored_timeout: float = 120.0
@@ -98,7 +106,9 @@ class SuiteConfig:
             kwargs.setdefault("budgets", QUICK_BUDGETS)
             kwargs.setdefault("families", ("mlp",))
             kwargs.setdefault("independent_families", ("mlp",))
-        return cls(quick=quick, **kwargs)
+        config = cls(quick=quick, **kwargs)
+        check_scheme(config.scheme, None)
+        return config
 
 
 # -- query pools ----------------------------------------------------------------------------------------
@@ -258,6 +268,7 @@ def _extract(
 
 def run_suite(config: SuiteConfig, settings: Settings | None = None) -> dict[str, Any]:
     """Run every strategy and budget against the ECG victim; returns every number (``results.json``)."""
+    check_scheme(config.scheme, settings)
     started = time.monotonic()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("art").setLevel(logging.ERROR)
@@ -265,7 +276,7 @@ def run_suite(config: SuiteConfig, settings: Settings | None = None) -> dict[str
     reference, classes_order = victim.X_test, [str(c) for c in victim.estimator.classes_]
     # Score suspicion after every 50 new queries, so "flagged after" is exact to a chunk.
     env = {"MODELPRINT_SUSPICION_EVERY": str(PACE_CHUNK), "MODELPRINT_SUSPICION_BEAT_SECONDS": "5"}
-    with experiment_stack(settings, env) as live:
+    with experiment_stack(settings, config.scheme, env) as live:
         secrets = load_secrets(live)
         with (
             tempfile.TemporaryDirectory(prefix="modelprint-attacks-") as workdir,
@@ -329,7 +340,7 @@ def run_suite(config: SuiteConfig, settings: Settings | None = None) -> dict[str
         "budgets": list(config.budgets),
         "families": list(config.families),
         "pace_chunk": PACE_CHUNK,
-        "fingerprint": {"scheme": live.fingerprint_scheme, "alpha": live.fingerprint_alpha},
+        "fingerprint": fingerprint_of(live),
         "machine": {
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
@@ -460,7 +471,7 @@ def render_table(results: dict[str, Any]) -> str:
         "flagged by the suspicion detectors (the largest budget is sent in chunks of "
         f"{results['pace_chunk']} "
         f'and scored after each, so "after N" is exact to a chunk). Scans: verdict `stolen` at '
-        f"Holm-adjusted p < {level}.",
+        f"Holm-adjusted p < {level}. Fingerprint: {fingerprint_text(results['fingerprint'])}.",
         "",
         "## Summary per strategy and budget",
         "",

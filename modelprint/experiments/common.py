@@ -35,7 +35,7 @@ from modelprint.client import ApiCallError, GatewayClient, OperatorClient
 from modelprint.training import fit_quietly, mlp_pipeline
 from modelprint.v2server import V2Server
 from shared.config import Settings
-from shared.fingerprint import LOG_EPSILON
+from shared.fingerprint import LOG_EPSILON, SCHEMES, NoFingerprintScheme, get_scheme
 
 # Model families of thieves and of independent companies.
 FAMILIES = ("mlp", "random-forest", "logistic-regression", "k-nn", "gradient-boosting")
@@ -43,18 +43,41 @@ LABEL_KINDS = ("soft", "hard")
 # The experiment's own stack uses this fixed, published fingerprint key so that a run is reproducible
 # to the last p-value (a deployment generates a secret one). No thief or model ever sees it.
 EXPERIMENT_KEY = hashlib.sha256(b"modelprint experiment key").hexdigest()
+# The fingerprint schemes an experiment can run its stack with (a scan of an unmarked API means nothing).
+EXPERIMENT_SCHEMES = tuple(name for name in SCHEMES if name != NoFingerprintScheme.name)
 Predictor = Callable[[np.ndarray], np.ndarray]
 
 
 # -- the stack ------------------------------------------------------------------------------------------
 
 
+def check_scheme(scheme: str, settings: Settings | None) -> None:
+    """Fail early on a scheme no experiment can use, or one a running stack does not fingerprint with."""
+    if scheme not in EXPERIMENT_SCHEMES:
+        raise ValueError(f"unknown fingerprint scheme {scheme!r}; known: {', '.join(EXPERIMENT_SCHEMES)}")
+    if settings is not None and settings.fingerprint_scheme != scheme:
+        raise ValueError(
+            f"the running stack fingerprints with {settings.fingerprint_scheme!r}, not {scheme!r} "
+            f"(pass --scheme {settings.fingerprint_scheme}, or run without --use-running)"
+        )
+
+
+def fingerprint_of(settings: Settings) -> dict[str, Any]:
+    """The scheme the stack fingerprints with and its effective alpha (the scheme's default when unset)."""
+    scheme = get_scheme(settings.fingerprint_scheme, settings.fingerprint_alpha)
+    return {"scheme": scheme.name, "alpha": getattr(scheme, "alpha", None)}
+
+
 @contextmanager
-def experiment_stack(settings: Settings | None, env: dict[str, str] | None = None) -> Iterator[Settings]:
+def experiment_stack(
+    settings: Settings | None, scheme: str, env: dict[str, str] | None = None
+) -> Iterator[Settings]:
     """Use the running stack these settings point at, or start one on a fresh data dir and free ports.
 
-    The own stack may scan suspects on 127.0.0.1, uses EXPERIMENT_KEY, and gets ``env`` on top.
+    The own stack fingerprints with ``scheme`` (MODELPRINT_FINGERPRINT_SCHEME), may scan suspects on
+    127.0.0.1, uses EXPERIMENT_KEY, and gets ``env`` on top. A running stack must use ``scheme``.
     """
+    check_scheme(scheme, settings)
     if settings is not None:
         yield settings
         return
@@ -64,12 +87,14 @@ def experiment_stack(settings: Settings | None, env: dict[str, str] | None = Non
     overrides = {
         "MODELPRINT_SCAN_ALLOWED_HOSTS": "127.0.0.1",
         "MODELPRINT_FINGERPRINT_KEYS": json.dumps({"experiment": EXPERIMENT_KEY}),
+        "MODELPRINT_FINGERPRINT_SCHEME": scheme,
         **(env or {}),
     }
     previous = {name: os.environ.get(name) for name in overrides}
     os.environ.update(overrides)  # the services are started with this process's environment
     data_dir = Path(tempfile.mkdtemp(prefix="modelprint-experiment-"))
     own = Settings(data_dir=data_dir, gateway_port=free_port(), auditor_port=free_port())
+    assert own.fingerprint_scheme == scheme, own.fingerprint_scheme
     stack = Stack(own, StackOptions(inference_workers=1, inference_concurrency=2, with_beat=True))
     print(f"[stack] starting modelprint on {data_dir} (embedded Redis and PostgreSQL unless configured)")
     try:
@@ -337,6 +362,12 @@ def upper_95(k: int, n: int) -> float | None:
     if n == 0:
         return None
     return 1.0 if k >= n else float(stats.beta.ppf(0.95, k + 1, n - k))
+
+
+def fingerprint_text(fingerprint: dict[str, Any]) -> str:
+    """How a table names the scheme a run was measured with."""
+    alpha = fingerprint.get("alpha")
+    return f"scheme `{fingerprint['scheme']}`" + ("" if alpha is None else f", alpha {alpha:g}")
 
 
 def p_text(p: float | None) -> str:

@@ -23,8 +23,11 @@ gateway, exactly as a customer would:
    paper's own criterion (raw agreement with the victim on the test data above 0.9) is applied to the
    same models, and the paper's Mann-Whitney U test of surrogate against independent agreements.
 
-Every number comes from the system at run time: the fingerprint scheme, alpha and key id from the
-stack's settings, the decision level and the names of the scan tests from the scans' reports.
+The experiment's own stack fingerprints with the paper's scheme (``hmac-second-class``, alpha 0.08) unless
+``--scheme`` names another (e.g. modelprint's default ``hmac-all-classes``); a running stack
+(``--use-running``) must already use the scheme asked for. Every number comes from the system at run
+time: the fingerprint scheme, alpha and key id from the stack's settings, the decision level and the
+names of the scan tests from the scans' reports.
 
 Outputs (``--out``): ``table.md``, ``results.json`` (every number, per trial) and two PNG plots.
 """
@@ -57,8 +60,11 @@ from modelprint.experiments.common import (
     FAMILIES,
     LABEL_KINDS,
     Scanner,
+    check_scheme,
     describe,
     experiment_stack,
+    fingerprint_of,
+    fingerprint_text,
     p_text,
     scan_level,
     scan_test_names,
@@ -71,7 +77,7 @@ from modelprint.experiments.common import (
 from modelprint.training import fit_quietly, mlp_pipeline, save_model, save_reference_data, train_ecg_model
 from shared.config import Settings, load_secrets
 from shared.ecg import generate_ecg
-from shared.fingerprint import get_scheme
+from shared.fingerprint import HmacSecondClassScheme, get_scheme
 
 __all__ = ["DATASETS", "ExperimentConfig", "run_experiment", "write_outputs"]
 
@@ -93,6 +99,8 @@ P_FLOOR = 1e-16  # p-values of 0 are drawn at this height on the log-scale plot
 PAPER_EXTRACTION = {150: (0.7200, 0.7167), 400: (0.9300, 0.9267), 1500: (0.9833, 0.9900)}
 PAPER_ACCURACY = 0.9933
 PAPER_TIMING_MS = {"plain": (4.7, 0.5), "fingerprinted": (7.2, 0.9), "overhead_percent": 52.47}
+# The paper's Algorithm 1 (alpha 0.08 is that scheme's default): what `experiment paper` runs by default.
+PAPER_SCHEME = HmacSecondClassScheme.name
 
 
 # -- data sets ------------------------------------------------------------------------------------------
@@ -226,6 +234,8 @@ class ExperimentConfig:
     independent_seeds: int = 3
     timing_repeats: int = 300
     agreement_threshold: float = AGREEMENT_THRESHOLD
+    # The fingerprint scheme of the experiment's own stack (a running stack must use it).
+    scheme: str = PAPER_SCHEME
     command: str = ""
     progress: bool = True
 
@@ -246,6 +256,7 @@ class ExperimentConfig:
         config = cls(dataset=dataset, trials=trials or (1 if quick else 5), quick=quick, **kwargs)
         if config.trials < 1:
             raise ValueError("--trials must be at least 1")
+        check_scheme(config.scheme, None)
         return config
 
 
@@ -403,13 +414,14 @@ def run_experiment(config: ExperimentConfig, settings: Settings | None = None) -
     them a stack is started on a temporary data dir with free ports and stopped at the end.
     """
     spec = DATASETS[config.dataset]
+    check_scheme(config.scheme, settings)  # before the victims are trained
     started = time.monotonic()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     trials_data = [
         spec.make_trial(trial)
         for trial in tqdm(range(config.trials), desc="training victims", disable=not config.progress)
     ]
-    with experiment_stack(settings) as live:
+    with experiment_stack(settings, config.scheme) as live:
         secrets = load_secrets(live)
         # 1. timing first, on a quiet machine (no scan is running yet)
         timings = [
@@ -457,11 +469,7 @@ def run_experiment(config: ExperimentConfig, settings: Settings | None = None) -
             finally:
                 for scanner in scanners:
                     scanner.stop()
-        fingerprint = {
-            "scheme": live.fingerprint_scheme,
-            "alpha": live.fingerprint_alpha,
-            "key_id": secrets.active_key_id,
-        }
+        fingerprint = {**fingerprint_of(live), "key_id": secrets.active_key_id}
 
     results: dict[str, Any] = {
         "dataset": spec.name,
@@ -603,6 +611,7 @@ def render_table(results: dict[str, Any]) -> str:
         "",
         f"Mean ± standard deviation over {n} trial(s); measured through the running system (gateway, "
         f"workers, PostgreSQL, operator API, scans). Runtime {results['runtime_seconds']:.0f} s.",
+        f"Fingerprint: {fingerprint_text(results['fingerprint'])}.",
         f"Seeds: {results['seeds']}.",
         "",
         "| measure | paper | measured |",

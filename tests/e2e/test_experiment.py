@@ -13,16 +13,27 @@ from pathlib import Path
 
 import pytest
 
-from modelprint.experiments.common import FAMILIES, LABEL_KINDS
+from modelprint.experiments.common import EXPERIMENT_SCHEMES, FAMILIES, LABEL_KINDS
 from modelprint.experiments.paper import ExperimentConfig, run_experiment, write_outputs
 from services.auditor.config import AuditorSettings
+from shared.fingerprint import HmacSecondClassScheme, get_scheme
 from tests.conftest import RunningStack
 
 pytestmark = pytest.mark.e2e
 
 
 def test_quick_paper_experiment(running_stack: RunningStack, tmp_path: Path) -> None:
-    config = ExperimentConfig.make("ecg", quick=True, progress=False)
+    # The paper's setting runs the paper's scheme unless told otherwise; a running stack must already use
+    # the scheme asked for (refused before anything is trained or sent).
+    assert ExperimentConfig.make("ecg").scheme == HmacSecondClassScheme.name
+    stack_scheme = running_stack.settings.fingerprint_scheme
+    other = next(name for name in EXPERIMENT_SCHEMES if name != stack_scheme)
+    with pytest.raises(ValueError, match="running stack fingerprints with"):
+        run_experiment(ExperimentConfig.make("ecg", quick=True, scheme=other), running_stack.settings)
+    with pytest.raises(ValueError, match="unknown fingerprint scheme"):
+        ExperimentConfig.make("ecg", scheme="none")
+
+    config = ExperimentConfig.make("ecg", quick=True, progress=False, scheme=stack_scheme)
     results = run_experiment(config, running_stack.settings)
     paths = write_outputs(results, tmp_path)
 
@@ -34,6 +45,11 @@ def test_quick_paper_experiment(running_stack: RunningStack, tmp_path: Path) -> 
     assert json.loads((tmp_path / "results.json").read_text())["trials_run"] == 1
     table = (tmp_path / "table.md").read_text()
     assert "| labels changed by the fingerprint | 0 (claimed) | 0 of 300 |" in table
+    # The scheme the run was measured with is recorded, and is the one that marked the stored answers.
+    fingerprint = json.loads((tmp_path / "results.json").read_text())["fingerprint"]
+    assert fingerprint["scheme"] == stack_scheme
+    assert fingerprint["alpha"] == get_scheme(stack_scheme, running_stack.settings.fingerprint_alpha).alpha
+    assert f"Fingerprint: scheme `{stack_scheme}`, alpha {fingerprint['alpha']:g}." in table
 
     (trial,) = results["trials"]
     print("\n" + table)
@@ -49,6 +65,10 @@ def test_quick_paper_experiment(running_stack: RunningStack, tmp_path: Path) -> 
     # More queries make a better copy, for both kinds of thief.
     by_budget = {thief["budget"]: thief for thief in trial["thieves"]}
     assert sorted(by_budget) == [150, 400, 1500]
+    with running_stack.operator() as operator:
+        stored = operator.all_queries(by_budget[150]["client_id"])
+    assert len(stored) == 150
+    assert {record["scheme"] for record in stored} == {stack_scheme}
     for kind in LABEL_KINDS:
         small, large = by_budget[150]["surrogates"][kind], by_budget[1500]["surrogates"][kind]
         assert large["accuracy"] > small["accuracy"], (kind, small, large)
