@@ -19,6 +19,7 @@ from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from modelprint.attacks import ecg_sampler, natural_queries
 from modelprint.training import TrainedModel, train_ecg_model
 from services.auditor.scanstats import (
     ReferenceKit,
@@ -337,6 +338,56 @@ def test_watermark_null_is_calibrated(
     assert np.sum(clean_p < 0.1) <= 4
     assert np.sum(independent_p < 0.1) <= 4
     assert min(p_values) > 0.001
+
+
+def test_output_replay_null_holds_for_independent_forests() -> None:
+    """The case `modelprint experiment paper` caught out: independent forests against a 1,500-query thief.
+
+    Trial 1 of the paper run (victim data seed 43, training seed 124; the thief's rows from
+    ecg_sampler(5102)); the random forest trained on generate_ecg(1200, seed=901021) was called stolen
+    by output_replay at p 3.6e-6 under the earlier normal null. Its two siblings and two distilled
+    surrogates of the same thief's answers (which must still be caught) run alongside.
+    """
+    victim = train_ecg_model(data_seed=43, train_seed=124)
+    classes = list(victim.estimator.classes_)
+    kit = build_reference_kit(victim.X_test, victim.y_test, classes, seed=0)
+    queries = natural_queries(ecg_sampler(np.random.default_rng(5102)), 1500)
+    returned = SCHEME.apply(victim.estimator.predict_proba(queries), queries, KEY).probabilities
+    suspects: dict[str, tuple[Predictor, bool]] = {}
+    for seed in range(3):
+        X, y = generate_ecg(1200, seed=901001 + 10 * seed)
+        forest = _quietly(
+            lambda X=X, y=y, seed=seed: RandomForestClassifier(100, random_state=seed).fit(X, y)
+        )
+        suspects[f"independent forest, seed {seed}"] = (forest.predict_proba, False)
+    suspects["soft-label MLP"] = (_log_prob_regressor(_mlp_regressor(0), queries[:400], returned[:400]), True)
+    suspects["soft-label forest"] = (
+        _log_prob_regressor(RandomForestRegressor(200, random_state=0, n_jobs=2), queries, returned),
+        True,
+    )
+    for i, (name, (predict, stolen)) in enumerate(suspects.items()):
+        replay = queries[:400] if name == "soft-label MLP" else queries
+        outcome = run_scan_tests(
+            victim.estimator,
+            KEY,
+            SCHEME,
+            kit,
+            _answers(predict, kit.control_inputs),
+            [ReplaySet(1, replay, _answers(predict, replay))],
+            n_null_keys=100,
+            rng=np.random.default_rng(700 + i),
+        )
+        test = next(t for t in outcome.tests if t.name.startswith("output_replay"))
+        assert test.p_value is not None
+        print(
+            f"\n{name}: output_replay p {test.p_value:.2g}, t {test.details['t']:.2f}, "
+            f"verdict {outcome.verdict}"
+        )
+        if stolen:
+            assert test.p_value < LEVEL, (name, test.details)
+        else:
+            assert test.p_value > 0.01, (name, test.details)
+            assert outcome.verdict == "not_stolen", (name, outcome.explanation)
 
 
 def test_holm_adjustment_on_a_hand_example() -> None:
