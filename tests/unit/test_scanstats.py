@@ -341,6 +341,25 @@ def test_watermark_null_is_calibrated(
     assert min(p_values) > 0.001
 
 
+def _output_replay_scan(
+    victim: Any, kit: ReferenceKit, predict: Predictor, replay: np.ndarray, seed: int
+) -> tuple[ScanOutcome, TestResult]:
+    """Scan a suspect with one replay set (client 1); returns the outcome and its output_replay test."""
+    outcome = run_scan_tests(
+        victim,
+        KEY,
+        SCHEME,
+        kit,
+        _answers(predict, kit.control_inputs),
+        [ReplaySet(1, replay, _answers(predict, replay))],
+        n_null_keys=100,
+        rng=np.random.default_rng(seed),
+    )
+    test = next(t for t in outcome.tests if t.name.startswith("output_replay"))
+    assert test.p_value is not None
+    return outcome, test
+
+
 def test_output_replay_null_holds_for_independent_forests() -> None:
     """The case `modelprint experiment paper` caught out: independent forests against a 1,500-query thief.
 
@@ -368,18 +387,7 @@ def test_output_replay_null_holds_for_independent_forests() -> None:
     )
     for i, (name, (predict, stolen)) in enumerate(suspects.items()):
         replay = queries[:400] if name == "soft-label MLP" else queries
-        outcome = run_scan_tests(
-            victim.estimator,
-            KEY,
-            SCHEME,
-            kit,
-            _answers(predict, kit.control_inputs),
-            [ReplaySet(1, replay, _answers(predict, replay))],
-            n_null_keys=100,
-            rng=np.random.default_rng(700 + i),
-        )
-        test = next(t for t in outcome.tests if t.name.startswith("output_replay"))
-        assert test.p_value is not None
+        outcome, test = _output_replay_scan(victim.estimator, kit, predict, replay, 700 + i)
         print(
             f"\n{name}: output_replay p {test.p_value:.2g}, t {test.details['t']:.2f}, "
             f"verdict {outcome.verdict}"
@@ -411,18 +419,7 @@ def test_output_replay_null_holds_on_digits() -> None:
         out[:, [classes.index(str(c)) for c in model.classes_]] = model.predict_proba(rows)
         return out
 
-    outcome = run_scan_tests(
-        victim.estimator,
-        KEY,
-        SCHEME,
-        kit,
-        _answers(predict, kit.control_inputs),
-        [ReplaySet(1, queries, _answers(predict, queries))],
-        n_null_keys=100,
-        rng=np.random.default_rng(800),
-    )
-    test = next(t for t in outcome.tests if t.name.startswith("output_replay"))
-    assert test.p_value is not None
+    outcome, test = _output_replay_scan(victim.estimator, kit, predict, queries, 800)
     print(f"\ndigits independent boosting: output_replay p {test.p_value:.2g}, t {test.details['t']:.2f}")
     assert test.p_value > 0.01, test.details
     assert outcome.verdict == "not_stolen", outcome.explanation
