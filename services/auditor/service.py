@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -37,8 +37,23 @@ class NewClient:
     api_key: str
 
 
+# The registry in Redis is written two ways: each change publishes its own entry after its commit, and
+# `sync_registry` rewrites the whole registry from PostgreSQL. Without coordination a sync could read
+# PostgreSQL just before a change commits and rewrite Redis just after the change published itself,
+# wiping a new key or a new model version (or bringing back a key being disabled) until the next sync.
+# So every change holds this advisory lock shared until its commit, and a sync holds it exclusively
+# from before its read until after its rewrite: a sync then either sees the change or runs before it.
+REGISTRY_LOCK_ID = 0x6D70_7265_6769  # "mpregi": any constant unique to this purpose
+
+
+def lock_registry_for_change(session: Session) -> None:
+    """Hold off registry syncs until this transaction ends (call before changing a published entry)."""
+    session.execute(text("SELECT pg_advisory_xact_lock_shared(:lock)"), {"lock": REGISTRY_LOCK_ID})
+
+
 def create_client(session: Session, name: str) -> NewClient:
     """Create a client with a new API key (publish it with `publish_client` after the commit)."""
+    lock_registry_for_change(session)
     api_key = generate_api_key()
     client = Client(name=name, api_key_hash=hash_api_key(api_key), api_key_prefix=display_prefix(api_key))
     session.add(client)
@@ -68,6 +83,7 @@ def list_clients(session: Session) -> list[Client]:
 
 def set_client_disabled(session: Session, registry: redis.Redis, client_id: int, disabled: bool) -> Client:
     """Disable (the key stops working at once, before the commit) or re-enable a client."""
+    lock_registry_for_change(session)
     client = get_client(session, client_id)
     if disabled:
         if client.disabled_at is None:
@@ -88,6 +104,7 @@ def deploy_model(session: Session, name: str, artifact: bytes, reference_data: b
     if reference_data is not None:
         features, _ = load_reference_data(reference_data, info.n_features)
         reference_rows = int(features.shape[0])
+    lock_registry_for_change(session)
     model = session.scalar(select(Model).where(Model.name == name).with_for_update())
     if model is None:
         model = Model(name=name)
@@ -428,6 +445,8 @@ def count_queries(session: Session, client_id: int) -> int:
 
 def sync_registry(session: Session, registry: redis.Redis) -> tuple[int, int]:
     """Rewrite the Redis registry from PostgreSQL; returns (active keys, models)."""
+    # Exclusive until this transaction ends, i.e. after the rewrite below (see REGISTRY_LOCK_ID).
+    session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": REGISTRY_LOCK_ID})
     api_keys = {
         client.api_key_hash: ClientIdentity(client_id=client.id, name=client.name)
         for client in session.scalars(select(Client).where(Client.disabled_at.is_(None)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import UTC, datetime
 
@@ -64,5 +65,37 @@ def test_registry_sync_repairs_a_wiped_redis(
             service.set_client_disabled(session, client, client_id, disabled=True)
             keys_after, _ = service.sync_registry(session, client)
         assert keys_after == keys - 1
+    finally:
+        client.close()
+
+
+def test_registry_sync_waits_for_a_client_being_created(running_stack: RunningStack) -> None:
+    """A sync that starts while a new client is being committed must not wipe the new key from Redis."""
+    database_url = running_stack.stack.database_url or ""
+    client = redis.Redis.from_url(running_stack.stack.redis_url or "")
+    synced = threading.Event()
+    errors: list[BaseException] = []
+
+    def sync() -> None:
+        try:
+            with session_scope(database_url) as session:
+                service.sync_registry(session, client)
+            synced.set()
+        except BaseException as exc:  # surfaced in the main thread below
+            errors.append(exc)
+
+    try:
+        with session_scope(database_url) as session:
+            created = service.create_client(session, f"race-{uuid.uuid4().hex[:8]}")
+            syncer = threading.Thread(target=sync)
+            syncer.start()
+            # The sync must wait for this transaction (it holds the registry lock shared) ...
+            assert not synced.wait(timeout=1.0), "the sync did not wait for the client being created"
+        # ... and, once the client is committed, see it; it is then published as the API does.
+        service.publish_client(client, created.client)
+        syncer.join(timeout=30)
+        assert not errors, errors
+        assert synced.is_set()
+        assert client.hexists(REDIS_API_KEYS, created.client.api_key_hash)
     finally:
         client.close()
