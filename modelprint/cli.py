@@ -175,6 +175,22 @@ def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
             check_scheme(scheme_name, running)
         except ValueError as exc:
             raise CliError(str(exc)) from exc
+    if args.setting == "calibrate":
+        from modelprint.experiments import calibration
+
+        if args.use_running:
+            raise CliError("`experiment calibrate` runs offline, without a stack; drop --use-running")
+        dataset = args.dataset or "ecg"
+        if dataset not in calibration.PLANS:
+            raise CliError(f"`experiment calibrate` runs on {' or '.join(calibration.PLANS)}, not {dataset}")
+        out = Path(args.out or f"results/calibration-{dataset}")
+        calibrate = calibration.CalibrationConfig.make(
+            dataset, trials=args.trials, quick=args.quick, command=command, **scheme
+        )
+        paths = calibration.write_outputs(calibration.run_calibration(calibrate), out)
+        print((out / "table.md").read_text())
+        print("wrote " + ", ".join(str(path) for path in paths))
+        return 0
     if args.setting == "attacks":
         from modelprint.experiments import attack_suite
 
@@ -417,27 +433,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     experiment = commands.add_parser(
         "experiment",
-        help="reproduce the paper's Table 1 (paper, the default) or run the attack suite (attacks)",
+        help="reproduce the paper's Table 1 (paper, the default), run the attack suite (attacks) or "
+        "calibrate the scans' output_replay null offline on independent models (calibrate)",
     )
-    experiment.add_argument("setting", nargs="?", choices=["paper", "attacks"], default="paper")
+    experiment.add_argument("setting", nargs="?", choices=["paper", "attacks", "calibrate"], default="paper")
     experiment.add_argument(
-        "--dataset", choices=["ecg", "breast-cancer", "digits"], default=None, help="paper only (default ecg)"
-    )
-    experiment.add_argument(
-        "--trials", type=int, default=None, help="paper only: trials (default 5; --quick: 1)"
-    )
-    experiment.add_argument(
-        "--quick", action="store_true", help="a short run: 1 trial / a small grid (what the tests run)"
+        "--dataset",
+        choices=["ecg", "breast-cancer", "digits"],
+        default=None,
+        help="paper and calibrate (default ecg; calibrate: ecg or digits)",
     )
     experiment.add_argument(
-        "--out", default=None, help="output dir (default results/paper, results/<dataset> or results/attacks)"
+        "--trials", type=int, default=None, help="paper and calibrate: trials (default 5; --quick: 1)"
+    )
+    experiment.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run: 1 trial / a small grid / calibrate: 1 trial, 1 budget, 1 seed per family "
+        "(what the tests run)",
+    )
+    experiment.add_argument(
+        "--out",
+        default=None,
+        help="output dir (default results/paper, results/<dataset>, results/attacks or "
+        "results/calibration-<dataset>)",
     )
     experiment.add_argument(
         "--scheme",
         choices=[name for name in SCHEMES if name != NoFingerprintScheme.name],
         default=None,
-        help="fingerprint scheme of the experiment's stack (default: paper hmac-second-class, the paper's; "
-        "attacks hmac-all-classes, modelprint's)",
+        help="fingerprint scheme of the experiment's stack (default: paper and calibrate hmac-second-class, "
+        "the paper's; attacks hmac-all-classes, modelprint's)",
     )
     experiment.add_argument(
         "--use-running",

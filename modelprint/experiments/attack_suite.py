@@ -58,11 +58,13 @@ from modelprint.experiments.common import (
     fingerprint_text,
     make_classifier,
     p_text,
+    save_figure,
     scan_level,
     score,
     train_classifier,
     train_surrogate,
     warm_up,
+    write_table_and_results,
 )
 from modelprint.experiments.paper import deploy_victim
 from modelprint.training import train_ecg_model
@@ -576,19 +578,9 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> Path:
     left.legend(fontsize=6, ncol=2)
     fig.suptitle("modelprint against extraction strategies (ECG victim)")
     fig.tight_layout()
-    path = out_dir / "attacks.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_dir / "attacks.png")
 
 
 def write_outputs(results: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write table.md, results.json and attacks.png into out_dir; returns the paths."""
-    import json
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = out_dir / "table.md"
-    table.write_text(render_table(results))
-    data = out_dir / "results.json"
-    data.write_text(json.dumps(results, indent=2, default=float))
-    return [table, data, plot_results(results, out_dir)]
+    return [*write_table_and_results(results, render_table(results), out_dir), plot_results(results, out_dir)]

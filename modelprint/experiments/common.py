@@ -62,6 +62,14 @@ def check_scheme(scheme: str, settings: Settings | None) -> None:
         )
 
 
+def trial_count(trials: int | None, quick: bool) -> int:
+    """The number of trials asked for (``--trials``), else 5 (quick: 1); at least 1."""
+    count = trials or (1 if quick else 5)
+    if count < 1:
+        raise ValueError("--trials must be at least 1")
+    return count
+
+
 def fingerprint_of(settings: Settings) -> dict[str, Any]:
     """The scheme the stack fingerprints with and its effective alpha (the scheme's default when unset)."""
     scheme = get_scheme(settings.fingerprint_scheme, settings.fingerprint_alpha)
@@ -372,3 +380,22 @@ def fingerprint_text(fingerprint: dict[str, Any]) -> str:
 
 def p_text(p: float | None) -> str:
     return "-" if p is None else f"{p:.2g}"
+
+
+def write_table_and_results(results: dict[str, Any], table: str, out_dir: Path) -> list[Path]:
+    """Write ``table.md`` and ``results.json`` (every number) into out_dir, created if needed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table_path = out_dir / "table.md"
+    table_path.write_text(table)
+    data_path = out_dir / "results.json"
+    data_path.write_text(json.dumps(results, indent=2, default=float))
+    return [table_path, data_path]
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save a laid-out matplotlib figure as a PNG (120 dpi) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -34,7 +34,6 @@ Outputs (``--out``): ``table.md``, ``results.json`` (every number, per trial) an
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -66,20 +65,23 @@ from modelprint.experiments.common import (
     fingerprint_of,
     fingerprint_text,
     p_text,
+    save_figure,
     scan_level,
     scan_test_names,
     score,
     train_classifier,
     train_surrogate,
+    trial_count,
     upper_95,
     warm_up,
+    write_table_and_results,
 )
 from modelprint.training import fit_quietly, mlp_pipeline, save_model, save_reference_data, train_ecg_model
 from shared.config import Settings, load_secrets
 from shared.ecg import generate_ecg
 from shared.fingerprint import HmacSecondClassScheme, get_scheme
 
-__all__ = ["DATASETS", "ExperimentConfig", "run_experiment", "write_outputs"]
+__all__ = ["DATASETS", "ExperimentConfig", "run_experiment", "thief_seed", "write_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,11 @@ PAPER_ACCURACY = 0.9933
 PAPER_TIMING_MS = {"plain": (4.7, 0.5), "fingerprinted": (7.2, 0.9), "overhead_percent": 52.47}
 # The paper's Algorithm 1 (alpha 0.08 is that scheme's default): what `experiment paper` runs by default.
 PAPER_SCHEME = HmacSecondClassScheme.name
+
+
+def thief_seed(trial: int, index: int) -> int:
+    """The query seed of trial ``trial``'s thief with the ``index``-th budget of its data set."""
+    return THIEF_SEED_BASE + 100 * trial + index
 
 
 # -- data sets ------------------------------------------------------------------------------------------
@@ -253,9 +260,7 @@ class ExperimentConfig:
         if quick:
             kwargs.setdefault("independent_seeds", 1)
             kwargs.setdefault("timing_repeats", 100)
-        config = cls(dataset=dataset, trials=trials or (1 if quick else 5), quick=quick, **kwargs)
-        if config.trials < 1:
-            raise ValueError("--trials must be at least 1")
+        config = cls(dataset=dataset, trials=trial_count(trials, quick), quick=quick, **kwargs)
         check_scheme(config.scheme, None)
         return config
 
@@ -361,7 +366,7 @@ def _run_trial(
     # 2. one thief per budget extracts through the gateway; soft- and hard-label MLP surrogates
     thieves: list[dict[str, Any]] = []
     for index, budget in enumerate(config.budgets):
-        seed = THIEF_SEED_BASE + 100 * trial + index
+        seed = thief_seed(trial, index)
         thief = operator.create_client(f"{model_name}-thief-{budget}")
         rows = data.thief_queries(budget, seed)
         with GatewayClient(settings.gateway_url, thief["api_key"]) as gateway:
@@ -775,11 +780,8 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title(f"{results['dataset']}: surrogate accuracy and agreement ({results['trials_run']} trial(s))")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
-    path = out_dir / "accuracy_agreement.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, out_dir / "accuracy_agreement.png"))
 
     level = results["scan_level"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5), sharey=True, gridspec_kw={"width_ratios": [1, 1, 0.8]})
@@ -836,18 +838,13 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     fig.suptitle(f"{results['dataset']}: detection p-values against the query budget")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    path = out_dir / "detection_pvalues.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, out_dir / "detection_pvalues.png"))
     return paths
 
 
 def write_outputs(results: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write table.md, results.json and the plots into out_dir; returns the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = out_dir / "table.md"
-    table.write_text(render_table(results))
-    data = out_dir / "results.json"
-    data.write_text(json.dumps(results, indent=2, default=float))
-    return [table, data, *plot_results(results, out_dir)]
+    return [
+        *write_table_and_results(results, render_table(results), out_dir),
+        *plot_results(results, out_dir),
+    ]

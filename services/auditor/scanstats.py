@@ -68,9 +68,10 @@ DISTANCE_FLOOR = 1e-12
 LOG_DISTANCE_FLOOR = 1e-6
 # Output replay: the reference models (few rows, nine models) are not quite the population of independent
 # models a suspect comes from; their mean contrast may be off by about this much (nats) for a given suspect.
-# From 300 independent-model scans offline (ECG and digits, 5 trials each; docs/results.md): without it
-# 10 fell below p 0.01 and one reached 2.4e-4; with 0.05, 2 (smallest 0.0056); with 0.1, none (smallest
-# 0.017), at the cost of a few output-replay detections that the watermark test mostly makes anyway.
+# From 300 independent-model tests offline (ECG and digits, 5 trials each; `modelprint experiment
+# calibrate`, docs/results/calibration-*): without it 9 fell below p 0.01 and one reached 2.4e-4; with
+# 0.05, 2 (smallest 0.0067); with 0.1, none (smallest 0.016), at the cost of 3 of 100 soft-label ECG
+# surrogates that output_replay alone no longer catches at p < 0.001 (60/100 instead of 63/100).
 OUTPUT_REPLAY_BIAS_SD = 0.1
 # Gauss-Hermite nodes for averaging the label-replay p-value over the uncertain null rate ratio.
 _HERMITE_NODES, _HERMITE_WEIGHTS = np.polynomial.hermite_e.hermegauss(40)
