@@ -7,7 +7,7 @@ reports z against random keys, for several keys. The answers' distortion (mean t
 95th percentile and largest change of any class probability, labels changed) is measured on fresh
 ECG windows. Prints one table; takes a few minutes on 2 cores.
 
-    .venv/bin/python -m bench.scheme_detection [--keys 2] [--budgets 400,1500]
+    .venv/bin/python -m bench.scheme_detection [--keys 2] [--budgets 400,1500] [--schemes a,b]
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ from services.auditor.scanstats import ReplaySet, SuspectAnswers, build_referenc
 from shared.ecg import generate_ecg
 from shared.fingerprint import get_scheme
 
-SETTINGS = [("hmac-second-class", None), ("hmac-all-classes", 0.15), ("hmac-all-classes", None)]
+SETTINGS = [
+    ("hmac-second-class", None),
+    ("hmac-all-classes", 0.15),
+    ("hmac-all-classes", None),
+    ("fast-all-classes", None),
+]
 BUDGET_SEEDS = {400: 4242, 1500: 4343}
 
 
@@ -54,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=2, help="fingerprint keys to try (fixed seeds)")
     parser.add_argument("--budgets", default="400,1500", help="thief query budgets (400 and/or 1500)")
+    parser.add_argument("--schemes", default="", help="comma-separated scheme names to run (default: all)")
     args = parser.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]
     victim = train_ecg_model()
@@ -70,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(header)
     print("-" * len(header))
-    for name, alpha in SETTINGS:
+    wanted = set(args.schemes.split(",")) if args.schemes else {name for name, _ in SETTINGS}
+    for name, alpha in (setting for setting in SETTINGS if setting[0] in wanted):
         scheme = get_scheme(name, alpha)
         keys = [np.random.default_rng(seed).bytes(32) for seed in range(1, args.keys + 1)]
         served = scheme.apply(clean_fresh, fresh, keys[0]).probabilities

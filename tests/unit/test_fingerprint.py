@@ -5,22 +5,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from services.auditor.scanstats import SuspectAnswers, _watermark_replay_test
 from shared.fingerprint import (
     DEFAULT_ALL_CLASSES_ALPHA,
     DEFAULT_SCHEME,
     MARGIN,
     SCHEMES,
+    FastAllClassesScheme,
     FingerprintResult,
     HmacAllClassesScheme,
     HmacSecondClassScheme,
     NoFingerprintScheme,
     canonical_messages,
     canonical_row_bytes,
+    fast_class_signs,
     get_scheme,
     hmac_base,
     hmac_class_signs,
@@ -461,12 +465,20 @@ def test_get_scheme_builds_registered_schemes() -> None:
     assert isinstance(all_classes, HmacAllClassesScheme)
     assert all_classes.alpha == DEFAULT_ALL_CLASSES_ALPHA
     assert DEFAULT_SCHEME == "hmac-all-classes"
-    assert set(SCHEMES) == {"hmac-all-classes", "hmac-second-class", "none"}
+    fast = get_scheme("fast-all-classes")
+    assert isinstance(fast, FastAllClassesScheme)
+    assert fast.alpha == DEFAULT_ALL_CLASSES_ALPHA
+    assert get_scheme("fast-all-classes", alpha=0.1).alpha == 0.1
+    assert set(SCHEMES) == {"fast-all-classes", "hmac-all-classes", "hmac-second-class", "none"}
 
 
 def test_get_scheme_rejects_unknown_names() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown fingerprint scheme 'x'; known: hmac-all-classes, hmac-second-class, none"
+        ValueError,
+        match=(
+            r"unknown fingerprint scheme 'x'; "
+            r"known: fast-all-classes, hmac-all-classes, hmac-second-class, none"
+        ),
     ):
         get_scheme("x")
 
@@ -477,10 +489,14 @@ def test_hmac_scheme_rejects_invalid_alpha(alpha: float) -> None:
         HmacSecondClassScheme(alpha=alpha)
     with pytest.raises(ValueError, match="alpha"):
         HmacAllClassesScheme(alpha=alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        FastAllClassesScheme(alpha=alpha)
 
 
 @pytest.mark.parametrize(
-    "scheme", [HmacAllClassesScheme(), HmacSecondClassScheme(), NoFingerprintScheme()], ids=lambda s: s.name
+    "scheme",
+    [HmacAllClassesScheme(), HmacSecondClassScheme(), FastAllClassesScheme(), NoFingerprintScheme()],
+    ids=lambda s: s.name,
 )
 @pytest.mark.parametrize(
     ("probabilities", "inputs", "message"),
@@ -495,7 +511,7 @@ def test_hmac_scheme_rejects_invalid_alpha(alpha: float) -> None:
     ids=["1-d", "one-class", "row-mismatch", "1-d-inputs", "nan", "negative"],
 )
 def test_schemes_validate_shapes_and_values(
-    scheme: HmacAllClassesScheme | HmacSecondClassScheme | NoFingerprintScheme,
+    scheme: HmacAllClassesScheme | HmacSecondClassScheme | FastAllClassesScheme | NoFingerprintScheme,
     probabilities: np.ndarray,
     inputs: np.ndarray,
     message: str,
@@ -533,10 +549,19 @@ def test_class_signs_are_balanced_and_independent_across_classes() -> None:
     assert np.all(np.abs(correlation) < 4 / np.sqrt(20_000))
 
 
-def test_all_classes_scheme_keeps_every_label_on_100k_rows_including_near_ties(
+@pytest.mark.parametrize(
+    ("scheme", "class_signs"),
+    [
+        (HmacAllClassesScheme(alpha=0.5), hmac_class_signs),
+        (FastAllClassesScheme(alpha=0.5), lambda inputs, n, key: _fast_signs(inputs, n, key)),
+    ],
+    ids=["hmac", "fast"],
+)
+def test_all_classes_schemes_keep_every_label_on_100k_rows_including_near_ties(
     label_test_batches: list[tuple[str, np.ndarray, np.ndarray]],
+    scheme: HmacAllClassesScheme | FastAllClassesScheme,
+    class_signs: Callable[[np.ndarray, int, bytes], np.ndarray],
 ) -> None:
-    scheme = HmacAllClassesScheme(alpha=0.5)
     for kind, probabilities, inputs in label_test_batches:
         result = scheme.apply(probabilities, inputs, KEY)
         returned = result.probabilities
@@ -548,8 +573,11 @@ def test_all_classes_scheme_keeps_every_label_on_100k_rows_including_near_ties(
         shift = result.logit_shift
         assert shift.shape == probabilities.shape, context
         assert np.all(np.abs(shift) <= 0.5 + 1e-12), context
-        signs = hmac_class_signs(inputs, probabilities.shape[1], KEY)
+        signs = class_signs(inputs, probabilities.shape[1], KEY)
         assert np.all((shift == 0) | (np.sign(shift) == signs)), context
+        rows = np.arange(len(probabilities))
+        top, second = _top_and_second(probabilities)
+        np.testing.assert_array_equal(result.perturbation, shift[rows, second] - shift[rows, top], context)
 
 
 def test_all_classes_scheme_applies_the_full_step_on_well_separated_rows() -> None:
@@ -577,3 +605,204 @@ def test_all_classes_scheme_shrinks_the_step_on_near_ties_instead_of_flipping() 
     assert (~gaining).any()
     assert np.all(np.abs(result.logit_shift[gaining]) < 0.3)
     np.testing.assert_allclose(np.abs(result.logit_shift[~gaining]), 0.3, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pinned outputs: the shared all-classes step was rewritten class-major for speed; these values come from
+# the original row-major code and must not move by a single bit.
+
+PINNED_PROBABILITIES = np.array([[0.5, 0.3, 0.15, 0.05], [0.26, 0.25, 0.25, 0.24], [0.01, 0.02, 0.9, 0.07]])
+PINNED_ALL_CLASSES = [
+    ["0x1.b4cef2563cbe2p-2", "0x1.86fc2436c1658p-2", "0x1.0615c567569efp-3", "0x1.04a81afd5a336p-4"],
+    ["0x1.079aa19371629p-2", "0x1.faee4a7765d1ap-3", "0x1.079a904ce745ap-2", "0x1.e6a751c7e8de4p-3"],
+    ["0x1.b8c12379910f2p-8", "0x1.48c396dec2891p-6", "0x1.ce52fd592eeecp-1", "0x1.1fab1d473ed6fp-4"],
+]
+PINNED_SECOND_CLASS = [
+    ["0x1.02d75a2d72b1ap-1", "0x1.2b3e9c046aba0p-2", "0x1.369c06c3533f4p-3", "0x1.9e2561f83219fp-5"],
+    ["0x1.079aa19371629p-2", "0x1.079a904ce745ap-2", "0x1.faee4a7765d1ap-3", "0x1.e6a751c7e8de4p-3"],
+    ["0x1.49daf7e790ea4p-7", "0x1.49daed188aaa1p-6", "0x1.cfdbce8dda66ap-1", "0x1.056f714e18030p-4"],
+]
+
+
+def _from_hex(rows: list[list[str]]) -> np.ndarray:
+    return np.array([[float.fromhex(value) for value in row] for row in rows])
+
+
+def test_hmac_schemes_reproduce_pinned_outputs_bit_for_bit() -> None:
+    inputs = np.random.default_rng(77).normal(size=(3, 5))
+    all_classes = HmacAllClassesScheme().apply(PINNED_PROBABILITIES, inputs, KEY)
+    np.testing.assert_array_equal(all_classes.probabilities, _from_hex(PINNED_ALL_CLASSES))
+    np.testing.assert_array_equal(all_classes.perturbation, [0.4, 0.0, 0.0])
+    np.testing.assert_array_equal(
+        all_classes.logit_shift,
+        [
+            [-0.2, 0.2, -0.2, 0.2],
+            [-0.019609855807409995, -0.019609855807409995, 0.019609855807409995, -0.019609855807409995],
+            [-0.2, 0.2, 0.2, 0.2],
+        ],
+    )
+    second_class = HmacSecondClassScheme().apply(PINNED_PROBABILITIES, inputs, KEY)
+    np.testing.assert_array_equal(second_class.probabilities, _from_hex(PINNED_SECOND_CLASS))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FastAllClassesScheme: the all-classes step with signs from a vectorised keyed hash
+
+
+def _fmix64_scalar(value: int) -> int:
+    mask = (1 << 64) - 1
+    value ^= value >> 33
+    value = (value * 0xFF51AFD7ED558CCD) & mask
+    value ^= value >> 33
+    value = (value * 0xC4CEB9FE1A85EC53) & mask
+    return value ^ (value >> 33)
+
+
+def _fast_signs_reference(row: np.ndarray, n_classes: int, key: bytes) -> list[float]:
+    """The module docstring's derivation for one row, in Python integers, independent of the module."""
+    n_features = row.size
+    n_pieces = 4 * n_features
+    weight_bits = min(32, 37 - (n_pieces - 1).bit_length())
+    prefix = b"modelprint.fast-all-classes.v1\x00" + struct.pack("<I", n_features)
+    n_blocks = -(-(32 * n_features + 32) // 32)
+    stream = b"".join(
+        hmac.digest(key, prefix + struct.pack("<I", block), "sha256") for block in range(n_blocks)
+    )
+    words = struct.unpack_from(f"<{2 * n_pieces}I", stream)
+    w0 = [word % 2**weight_bits for word in words[:n_pieces]]
+    w1 = [word % 2**weight_bits for word in words[n_pieces:]]
+    m0, m1, m2, k = struct.unpack_from("<4Q", stream, 8 * n_pieces)
+    m0, m1, m2 = m0 | 1, m1 | 1, m2 | 1
+    feature_bytes = struct.pack(f"<{n_features}d", *(value + 0.0 for value in row.tolist()))
+    pieces = struct.unpack(f"<{n_pieces}H", feature_bytes)
+    a = sum(w * s for w, s in zip(w0, pieces, strict=True))
+    b = sum(w * s for w, s in zip(w1, pieces, strict=True))
+    assert a < 2**53
+    assert b < 2**53
+    h = (a * m0 + b * m1) % 2**64
+    return [1.0 if _fmix64_scalar((h + k + c * m2) % 2**64) >> 63 else -1.0 for c in range(n_classes)]
+
+
+def _fast_signs(inputs: np.ndarray, n_classes: int, key: bytes = KEY) -> np.ndarray:
+    """Row-major +1/-1 signs from the module's class-major booleans."""
+    return np.where(fast_class_signs(inputs, n_classes, key).T, 1.0, -1.0)
+
+
+@pytest.mark.parametrize("n_features", [1, 5, 80])
+def test_fast_signs_follow_the_documented_derivation(n_features: int) -> None:
+    rng = np.random.default_rng(n_features)
+    inputs = rng.normal(size=(6, n_features)) * 10.0 ** rng.integers(-5, 5, size=(6, n_features))
+    inputs[0] = 0.0
+    inputs[1, 0] = -0.0
+    signs = _fast_signs(inputs, 7)
+    for row, expected_row in zip(inputs, signs, strict=True):
+        np.testing.assert_array_equal(expected_row, _fast_signs_reference(row, 7, KEY))
+
+
+def test_fast_signs_stay_exact_with_many_features_and_all_ones_pieces() -> None:
+    # Every 16-bit piece at its maximum (NaN payload bits all set) makes the projection's partial sums
+    # as large as they get; with 4,000 features the weights have 37 - 14 = 23 bits.
+    all_ones = np.frombuffer(b"\xff" * 8 * 4_000, dtype="<f8").reshape(1, -1)
+    rows = np.vstack([all_ones, np.random.default_rng(3).normal(size=(2, 4_000))])
+    signs = _fast_signs(rows, 3)
+    for row, signs_row in zip(rows, signs, strict=True):
+        np.testing.assert_array_equal(signs_row, _fast_signs_reference(row, 3, KEY))
+
+
+def test_fast_signs_are_deterministic_and_key_dependent() -> None:
+    inputs = _random_inputs(np.random.default_rng(11), 4_000)
+    first = _fast_signs(inputs, 4)
+    np.testing.assert_array_equal(first, _fast_signs(inputs.copy(), 4))
+    np.testing.assert_array_equal(first, _fast_signs(np.asfortranarray(inputs), 4))
+    np.testing.assert_array_equal(first, _fast_signs(inputs.astype(">f8"), 4))
+    # Another key agrees on about half of the signs (16,000 signs: 4 standard errors is 1.6 points).
+    agreement = np.mean(first == _fast_signs(inputs, 4, OTHER_KEY))
+    assert abs(agreement - 0.5) < 4 * 0.5 / np.sqrt(first.size)
+    with pytest.raises(ValueError, match="empty"):
+        fast_class_signs(inputs, 4, b"")
+
+
+def test_fast_signs_are_balanced_and_independent_across_classes_and_nearby_rows() -> None:
+    rng = np.random.default_rng(12)
+    inputs = _random_inputs(rng, 20_000)
+    signs = _fast_signs(inputs, 4)
+    assert np.all(np.abs((signs > 0).mean(axis=0) - 0.5) < 4 * 0.5 / np.sqrt(20_000))
+    correlation = np.corrcoef(signs.T)[np.triu_indices(4, 1)]
+    assert np.all(np.abs(correlation) < 4 / np.sqrt(20_000))
+    # Not a smooth function of the input: moving every feature by 1e-9 (or one feature by one ulp)
+    # gives unrelated signs.
+    for nudged in (inputs + 1e-9, np.column_stack([np.nextafter(inputs[:, 0], np.inf), inputs[:, 1:]])):
+        agreement = np.mean(signs == _fast_signs(nudged, 4))
+        assert abs(agreement - 0.5) < 4 * 0.5 / np.sqrt(signs.size)
+
+
+def test_fast_signs_ignore_float_width_negative_zero_and_batch() -> None:
+    rng = np.random.default_rng(13)
+    inputs32 = rng.normal(size=(500, 80)).astype(np.float32)
+    inputs32[:, :10] = 0.0
+    widened = inputs32.astype(np.float64)
+    signs = _fast_signs(widened, 4)
+    np.testing.assert_array_equal(_fast_signs(inputs32, 4), signs)
+    negative_zeros = widened.copy()
+    negative_zeros[:, :10] = -0.0
+    np.testing.assert_array_equal(_fast_signs(negative_zeros, 4), signs)
+    # A row's signs do not depend on the batch around it (the projection is exact for any BLAS path).
+    for row in (0, 17, 499):
+        np.testing.assert_array_equal(_fast_signs(widened[row : row + 1], 4)[0], signs[row])
+    big = np.vstack([widened, rng.normal(size=(7_500, 80))])
+    np.testing.assert_array_equal(_fast_signs(big, 4)[:500], signs)
+    np.testing.assert_array_equal(_fast_signs(widened, 2), signs[:, :2])
+
+
+def test_fast_scheme_is_the_all_classes_step_with_its_own_signs() -> None:
+    rng = np.random.default_rng(14)
+    inputs = _random_inputs(rng, 3_000)
+    probabilities = rng.dirichlet(np.full(5, 0.3), size=3_000)
+    result = FastAllClassesScheme(alpha=0.3).apply(probabilities, inputs, KEY)
+    # Same arithmetic as HmacAllClassesScheme given the same signs.
+    signs = _fast_signs(inputs, 5)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("shared.fingerprint.hmac_class_signs", lambda *_: signs)
+        expected = HmacAllClassesScheme(alpha=0.3).apply(probabilities, inputs, KEY)
+    np.testing.assert_array_equal(result.probabilities, expected.probabilities)
+    np.testing.assert_array_equal(result.logit_shift, expected.logit_shift)
+    np.testing.assert_array_equal(result.perturbation, expected.perturbation)
+
+
+def test_fast_scheme_logit_shift_is_what_moved_the_returned_logits() -> None:
+    rng = np.random.default_rng(15)
+    inputs = _random_inputs(rng, 500)
+    probabilities = _softmax(np.column_stack([np.full(500, 6.0), rng.uniform(-2, 0, size=(500, 3))]))
+    result = FastAllClassesScheme(alpha=0.2).apply(probabilities, inputs, KEY)
+    np.testing.assert_allclose(result.logit_shift, 0.2 * _fast_signs(inputs, 4), rtol=0, atol=1e-12)
+    moved = np.log(result.probabilities) - np.log(probabilities + EPSILON)
+    centred = moved - moved.mean(axis=1, keepdims=True)
+    expected = result.logit_shift - result.logit_shift.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(centred, expected, rtol=0, atol=1e-6)
+    # Recomputing from clean probabilities gives the same shift (what the scans' watermark replay does).
+    again = FastAllClassesScheme(alpha=0.2).apply(probabilities.copy(), inputs.copy(), KEY)
+    np.testing.assert_array_equal(again.logit_shift, result.logit_shift)
+
+
+def test_fast_scheme_mark_is_detected_in_a_distilled_surrogate_and_not_in_an_independent_model() -> None:
+    from sklearn.neural_network import MLPRegressor
+
+    rng = np.random.default_rng(16)
+    weights = rng.normal(size=(N_FEATURES, 4))
+    queries = _random_inputs(rng, 1_500)
+    clean = _softmax(queries @ weights)
+    scheme = FastAllClassesScheme()
+    answers = scheme.apply(clean, queries, KEY).probabilities
+
+    def watermark_z(trained_on: np.ndarray) -> float:
+        surrogate = MLPRegressor(hidden_layer_sizes=(256,), max_iter=400, random_state=0)
+        surrogate.fit(queries, np.log(trained_on + EPSILON))
+        predicted = _softmax(surrogate.predict(queries))
+        suspect = SuspectAnswers(np.argmax(predicted, axis=1), predicted)
+        outcome = _watermark_replay_test(
+            "watermark_replay", queries, suspect, clean, scheme, KEY, 100, np.random.default_rng(0)
+        )
+        return float(outcome.details["z"])
+
+    assert watermark_z(answers) > 4.0
+    assert abs(watermark_z(clean)) < 3.0
