@@ -61,6 +61,7 @@ __all__ = [
     "ReferenceProfile",
     "default_detectors",
     "pairwise_distances",
+    "squared_distances",
 ]
 
 STATE_FORMAT = "modelprint.detector-state"
@@ -73,6 +74,8 @@ BLOCK_ROWS = 512
 # is far above float32 storage and matrix-product rounding (~1e-6) and far below any real perturbation
 # (noise of 0.001 standard deviations on 80 features is already ~0.009 away).
 REPEAT_TOLERANCE = 1e-4
+# The same test on squared distances (the boundary may move by one ulp, which decides nothing).
+REPEAT_TOLERANCE_SQUARED = REPEAT_TOLERANCE**2
 # At least this many distinct reference rows are needed for the quantiles the detectors use.
 MIN_REFERENCE_ROWS = 20
 
@@ -80,11 +83,21 @@ MIN_REFERENCE_ROWS = 20
 # -- distances -----------------------------------------------------------------------------------------
 
 
-def pairwise_distances(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Euclidean distances (len(A), len(B)) with one matrix product: ||a||^2 + ||b||^2 - 2 a.b."""
+def squared_distances(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances (len(A), len(B)) with one matrix product: ||a||^2 + ||b||^2 - 2 a.b.
+
+    The detectors need nearest neighbours, and sqrt is monotone, so they take minima of these and the
+    square root of the minima only: sqrt(min(x)) == min(sqrt(x)) exactly, and the square root of a whole
+    (rows x history) matrix was most of their cost.
+    """
     sq = np.einsum("ij,ij->i", A, A)[:, None] + np.einsum("ij,ij->i", B, B)[None, :] - 2.0 * (A @ B.T)
-    np.maximum(sq, 0.0, out=sq)
-    out: np.ndarray = np.sqrt(sq, out=sq)
+    out: np.ndarray = np.maximum(sq, 0.0, out=sq)
+    return out
+
+
+def pairwise_distances(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Euclidean distances (len(A), len(B)): the square root of `squared_distances`."""
+    out: np.ndarray = np.sqrt(squared_distances(A, B))
     return out
 
 
@@ -92,8 +105,9 @@ def _nearest(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """Distance from each row of A to its nearest row of B (B non-empty), in blocks of A."""
     out = np.empty(A.shape[0], dtype=np.float64)
     for start in range(0, A.shape[0], BLOCK_ROWS):
-        out[start : start + BLOCK_ROWS] = pairwise_distances(A[start : start + BLOCK_ROWS], B).min(axis=1)
-    return out
+        out[start : start + BLOCK_ROWS] = squared_distances(A[start : start + BLOCK_ROWS], B).min(axis=1)
+    result: np.ndarray = np.sqrt(out, out=out)
+    return result
 
 
 def _round_rows(Z: np.ndarray) -> np.ndarray:
@@ -605,14 +619,15 @@ class NearDuplicateDetector(_WindowBinomialDetector):
         history = arrays["history"].astype(np.float64)
         n, m = Z.shape[0], history.shape[0]
         candidates = np.concatenate([history, Z])
-        D = pairwise_distances(Z, candidates)
+        D = squared_distances(Z, candidates)  # squared: see squared_distances
         # Query j sits at position m + j; it is compared with the `history` queries just before it only.
         position = m + np.arange(n)[:, None]
         column = np.arange(m + n)[None, :]
         D[(column >= position) | (column < position - self.history)] = np.inf
-        repeat = np.any(D <= REPEAT_TOLERANCE, axis=1)
-        D[D <= REPEAT_TOLERANCE] = np.inf
-        nearest = D.min(axis=1)
+        is_repeat = D <= REPEAT_TOLERANCE_SQUARED
+        repeat = np.any(is_repeat, axis=1)
+        D[is_repeat] = np.inf
+        nearest = np.sqrt(D.min(axis=1))
         # The client's very first query has nothing to compare with (inf): not flagged, and kept as NaN
         # among the window's distances, which the explanation's median skips.
         meta["repeats"] = int(meta["repeats"]) + int(repeat.sum())
@@ -754,8 +769,9 @@ class PradaDetector(_BaseDetector):
         k = self._class_index(arrays, c)
         old = arrays[f"members_{c}"].astype(np.float64)
         n_old, n = old.shape[0], Zc.shape[0]
-        to_old = pairwise_distances(Zc, old) if n_old else np.zeros((n, 0))
-        to_new = pairwise_distances(Zc, Zc)
+        # Squared distances; d below is the square root of their minimum (see squared_distances).
+        to_old = squared_distances(Zc, old) if n_old else np.zeros((n, 0))
+        to_new = squared_distances(Zc, Zc)
         joined = np.empty(n, dtype=np.int64)  # local indices of the new queries that joined, in order
         n_joined = old_start = joined_start = 0  # members before old_start / joined_start were evicted
         count, mean = int(arrays["join_count"][k]), float(arrays["join_mean"][k])
@@ -772,6 +788,7 @@ class PradaDetector(_BaseDetector):
                     d = float(to_old[i, old_start:].min())
                 if joined_start < n_joined:
                     d = min(d, float(to_new[i, joined[joined_start:n_joined]].min()))
+                d = math.sqrt(d)
                 if d <= REPEAT_TOLERANCE:
                     repeats += 1
                     continue
