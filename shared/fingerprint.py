@@ -148,13 +148,30 @@ class FingerprintScheme(Protocol):
         ...
 
 
-def canonical_messages(inputs: np.ndarray) -> list[bytes]:
-    """Serialise each row of an (N, F) array into its HMAC message (format in the module docstring)."""
+def _canonical_rows(inputs: np.ndarray) -> np.ndarray:
+    """The rows as the canonical serialisation writes them: contiguous little-endian float64, no -0.0."""
     if inputs.ndim != 2:
         raise ValueError(f"inputs must be a 2-D (rows, features) array, got shape {inputs.shape}")
     # Adding 0.0 turns -0.0 into +0.0 (IEEE round-to-nearest) and leaves every other value unchanged.
     # The outer conversion pins little-endian bytes even on a big-endian host, where `+` yields native order.
-    canonical_rows = np.ascontiguousarray(np.asarray(inputs, dtype=np.float64) + 0.0, dtype="<f8")
+    return np.ascontiguousarray(np.asarray(inputs, dtype=np.float64) + 0.0, dtype="<f8")
+
+
+def _check_key(key: bytes) -> None:
+    # An empty key is valid for HMAC but would let anyone recompute, and so strip, the fingerprint.
+    if len(key) == 0:
+        raise ValueError("fingerprint key must not be empty")
+
+
+def _check_key_and_classes(key: bytes, n_classes: int) -> None:
+    _check_key(key)
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be positive, got {n_classes}")
+
+
+def canonical_messages(inputs: np.ndarray) -> list[bytes]:
+    """Serialise each row of an (N, F) array into its HMAC message (format in the module docstring)."""
+    canonical_rows = _canonical_rows(inputs)
     n_rows, n_features = canonical_rows.shape
     header = DOMAIN_TAG + _HEADER_STRUCT.pack(n_features)
     row_bytes_length = n_features * 8
@@ -173,9 +190,7 @@ def canonical_row_bytes(row: np.ndarray) -> bytes:
 
 def hmac_base(inputs: np.ndarray, key: bytes) -> np.ndarray:
     """Per-row base signal in [-2, 2) from HMAC-SHA256 of the canonical row (paper's Algorithm 1)."""
-    # An empty key is valid for HMAC but would let anyone recompute, and so strip, the fingerprint.
-    if len(key) == 0:
-        raise ValueError("fingerprint key must not be empty")
+    _check_key(key)
     digest_prefixes = b"".join(
         hmac.digest(key, message, "sha256")[:4] for message in canonical_messages(inputs)
     )
@@ -294,10 +309,7 @@ _SIGNALS_PER_DIGEST: Final = 256  # one sign per bit of an HMAC-SHA256 digest
 
 def hmac_class_signs(inputs: np.ndarray, n_classes: int, key: bytes) -> np.ndarray:
     """Per-row, per-class keyed signs (+1.0 or -1.0) from HMAC-SHA256 of the canonical row (see above)."""
-    if len(key) == 0:
-        raise ValueError("fingerprint key must not be empty")
-    if n_classes < 1:
-        raise ValueError(f"n_classes must be positive, got {n_classes}")
+    _check_key_and_classes(key, n_classes)
     messages = canonical_messages(inputs)
     blocks = -(-n_classes // _SIGNALS_PER_DIGEST)
     suffixes = [b""] + [block.to_bytes(4, "little") for block in range(1, blocks)]
@@ -323,7 +335,7 @@ def _apply_class_signs(probabilities: np.ndarray, positive: np.ndarray, alpha: f
     """
     n_rows, n_classes = probabilities.shape
     rows = np.arange(n_rows)
-    top = probabilities.argmax(axis=1)
+    top, second = _top_and_second(probabilities)
     logits = np.add(probabilities.T, LOG_EPSILON, order="C")
     np.log(logits, out=logits)
     shift = np.where(positive, alpha, -alpha)
@@ -347,9 +359,6 @@ def _apply_class_signs(probabilities: np.ndarray, positive: np.ndarray, alpha: f
     # argmax equals top on every row exactly when no class outranks the top class (first index on ties).
     if np.any(fingerprinted.argmax(axis=1) != top):
         fingerprinted = _keep_top_on_top(fingerprinted, top)
-    without_top = probabilities.copy()
-    without_top[rows, top] = -np.inf
-    second = without_top.argmax(axis=1)
     return FingerprintResult(
         probabilities=fingerprinted,
         perturbation=logit_shift[second, rows] - logit_shift[top, rows],
@@ -446,16 +455,11 @@ def fast_class_signs(inputs: np.ndarray, n_classes: int, key: bytes) -> np.ndarr
 
     True stands for +1, False for -1.
     """
-    if len(key) == 0:
-        raise ValueError("fingerprint key must not be empty")
-    if inputs.ndim != 2:
-        raise ValueError(f"inputs must be a 2-D (rows, features) array, got shape {inputs.shape}")
-    if n_classes < 1:
-        raise ValueError(f"n_classes must be positive, got {n_classes}")
-    parameters = _fast_hash_parameters(key, inputs.shape[1], n_classes)
+    _check_key_and_classes(key, n_classes)
     # The canonical row bytes of the HMAC message (widened, -0.0 -> +0.0, little-endian), read as
     # little-endian 16-bit pieces: float64 values below 2**16, so the matrix product is exact.
-    canonical_rows = np.ascontiguousarray(np.asarray(inputs, dtype=np.float64) + 0.0, dtype="<f8")
+    canonical_rows = _canonical_rows(inputs)
+    parameters = _fast_hash_parameters(key, canonical_rows.shape[1], n_classes)
     pieces = canonical_rows.view("<u2").astype(np.float64)
     projections = (parameters.weights @ pieces.T).astype(np.uint64)
     projections *= parameters.multipliers
