@@ -2,7 +2,9 @@
 
 For the paper's MLP (64, 32) on 80 features, at batch sizes 1, 80 and 8,000: repetitions of the
 variants are interleaved (so drift and noise hit all alike), and the medians and their ratio to plain
-inference are printed. Usage:
+inference are printed. The order of the variants is shuffled in every repetition (fixed seed): a variant
+timed right after another one inherits its cache and branch-predictor state, and a fixed order biased
+the ratios by several points. Usage:
 
     .venv/bin/python -m bench.fingerprint_overhead [--repeats 200]
 """
@@ -49,11 +51,12 @@ def main() -> None:
             )
         timings: dict[str, list[float]] = {name: [] for name in variants}
         repeats = max(5, args.repeats // max(1, batch // 1000))
+        names = list(variants)
         for _ in tqdm(range(repeats), desc=f"batch {batch}", leave=False):
-            for name, run in variants.items():
+            for index in rng.permutation(len(names)):
                 started = time.perf_counter()
-                run()
-                timings[name].append(time.perf_counter() - started)
+                variants[names[index]]()
+                timings[names[index]].append(time.perf_counter() - started)
         plain = statistics.median(timings["plain predict_proba"])
         for name, values in timings.items():
             median = statistics.median(values)

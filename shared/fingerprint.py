@@ -59,8 +59,8 @@ changes. The shift applied to each class's logit is returned as ``logit_shift`` 
 Scheme "fast-all-classes"
 -------------------------
 The step and shrink of "hmac-all-classes" (same alpha, same ``lambda``, same ``logit_shift``), with the
-class signs from a keyed hash that numpy evaluates for a whole batch at once instead of one HMAC per row
-in Python. Once per key, feature count F and class count C (cached), the key is expanded with
+class signs from a keyed hash that a compiled loop evaluates in a few nanoseconds per row instead of one
+HMAC per row. Once per key, feature count F and class count C (cached), the key is expanded with
 HMAC-SHA256 in counter mode::
 
     prefix = b"modelprint.fast-all-classes.v1\x00" + F ("<I")
@@ -80,9 +80,9 @@ For each row, with s[0..P-1] the F * 8 feature bytes of the row's canonical mess
     signal[c]  = +1.0 if z[c] >= 2**63 else -1.0
 
 where fmix64 is MurmurHash3's finaliser (``z ^= z >> 33; z *= 0xff51afd7ed558ccd; z ^= z >> 33;
-z *= 0xc4ceb9fe1a85ec53; z ^= z >> 33``, products modulo 2**64). The projections are float64 matrix
-products of integers whose every partial sum stays below 2**53, so they are exact whatever the BLAS,
-its summation order or the batch: a row's signal depends on that row's bytes alone.
+z *= 0xc4ceb9fe1a85ec53; z ^= z >> 33``, products modulo 2**64). The projections are sums of integer
+products whose every partial sum stays below 2**53, so they are exact in 64-bit integers (and would be in
+float64) whatever the summation order or the batch: a row's signal depends on that row's bytes alone.
 
 Security: the weights and constants come from the key through HMAC-SHA256, so without the key the signs
 cannot be computed, and any change to any input bit (one ulp of one feature) gives unrelated signs, as
@@ -93,10 +93,22 @@ the returned probabilities to learn the key or to predict and strip the signs. P
 when the evidence must rest on a standard cryptographic assumption, when such an adversary is in scope,
 or when the model is expensive enough that one HMAC per row does not matter; choose this one for small,
 latency-bound models.
+
+Implementation
+--------------
+The per-row steps run in compiled loops (numba, `shared/fingerprint_kernels.py`), one pass over the
+batch, because the numpy formulation's fixed cost of some fifty array calls outweighed the arithmetic at
+the batch sizes an API sees. They evaluate ``softmax(logits')`` as ``(p + 1e-8) * exp(shift)`` normalised
+(one exp per row, no log per class), so a returned probability can differ from a literal evaluation of
+the formulas above by a few ulps; the keyed signs, the base signal, ``lambda``'s clamping, ``logit_shift``
+and the labels do not. The HMACs are standard HMAC-SHA256 (RFC 2104), computed from SHA-256 states of
+the key's pad blocks and the message header that are prepared once (`row_digests`), byte for byte what
+`hmac.digest` returns.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import struct
@@ -188,14 +200,56 @@ def canonical_row_bytes(row: np.ndarray) -> bytes:
     return canonical_messages(row.reshape(1, -1))[0]
 
 
+_SHA256_BLOCK_BYTES: Final = 64
+_INNER_PAD: Final = bytes(0x36 for _ in range(_SHA256_BLOCK_BYTES))
+_OUTER_PAD: Final = bytes(0x5C for _ in range(_SHA256_BLOCK_BYTES))
+
+
+@lru_cache(maxsize=16)
+def _hmac_sha256_states(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """SHA-256 states after the key's inner and outer pad block (RFC 2104), computed once per key."""
+    block_key = hashlib.sha256(key).digest() if len(key) > _SHA256_BLOCK_BYTES else key
+    block_key = block_key.ljust(_SHA256_BLOCK_BYTES, b"\0")
+    inner = hashlib.sha256(bytes(k ^ pad for k, pad in zip(block_key, _INNER_PAD, strict=True)))
+    outer = hashlib.sha256(bytes(k ^ pad for k, pad in zip(block_key, _OUTER_PAD, strict=True)))
+    return inner, outer
+
+
+def row_digests(inputs: np.ndarray, key: bytes, suffixes: tuple[bytes, ...] = (b"",)) -> bytes:
+    """HMAC-SHA256(key, message + suffix) for each row's canonical message and each suffix, concatenated.
+
+    Byte for byte what `hmac.digest` gives, about twice as fast: the key's pad blocks and the shared
+    message header are hashed once per batch, and each row's bytes are hashed from the batch buffer
+    without building its message.
+    """
+    _check_key(key)
+    canonical_rows = _canonical_rows(inputs)
+    n_rows, n_features = canonical_rows.shape
+    inner, outer = _hmac_sha256_states(key)
+    header_state = inner.copy()
+    header_state.update(DOMAIN_TAG + _HEADER_STRUCT.pack(n_features))
+    row_length = n_features * 8
+    buffer = canonical_rows.reshape(-1).view(np.uint8).data
+    digests: list[bytes] = []
+    for start in range(0, n_rows * row_length, row_length):
+        row_state = header_state.copy()
+        row_state.update(buffer[start : start + row_length])
+        for suffix in suffixes:
+            message_state = row_state
+            if suffix:
+                message_state = row_state.copy()
+                message_state.update(suffix)
+            outer_state = outer.copy()
+            outer_state.update(message_state.digest())
+            digests.append(outer_state.digest())
+    return b"".join(digests)
+
+
 def hmac_base(inputs: np.ndarray, key: bytes) -> np.ndarray:
     """Per-row base signal in [-2, 2) from HMAC-SHA256 of the canonical row (paper's Algorithm 1)."""
-    _check_key(key)
-    digest_prefixes = b"".join(
-        hmac.digest(key, message, "sha256")[:4] for message in canonical_messages(inputs)
-    )
+    digests = np.frombuffer(row_digests(inputs, key), dtype=np.uint8).reshape(inputs.shape[0], 32)
     # The first 8 hex characters of the digest are its first 4 bytes read big-endian.
-    fingerprint_ints = np.frombuffer(digest_prefixes, dtype=">u4").astype(np.int64)
+    fingerprint_ints = np.ascontiguousarray(digests[:, :4]).view(">u4")[:, 0].astype(np.int64)
     # Residues are below 10**6, hence exact in float64: the division rounds exactly like the paper's Python.
     return (fingerprint_ints % _BASE_MODULUS) / _BASE_SCALE - _BASE_OFFSET
 
@@ -208,9 +262,9 @@ def _top_and_second(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return top, np.argmax(without_top, axis=1)
 
 
-def _validated_probabilities(probabilities: np.ndarray, inputs: np.ndarray) -> np.ndarray:
-    """Check shapes and values of a batch and return the probabilities as float64."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
+def _checked_shapes(probabilities: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+    """Check the shapes of a batch; return the probabilities as C-contiguous float64 (values unchecked)."""
+    probabilities = np.ascontiguousarray(probabilities, dtype=np.float64)
     if probabilities.ndim != 2 or probabilities.shape[1] < 2:
         raise ValueError(
             f"probabilities must be a 2-D (rows, classes) array with at least 2 classes, "
@@ -223,11 +277,19 @@ def _validated_probabilities(probabilities: np.ndarray, inputs: np.ndarray) -> n
             f"probabilities and inputs must have the same number of rows, "
             f"got {probabilities.shape[0]} and {inputs.shape[0]}"
         )
-    # A NaN or negative value would turn into NaN logits and be served to the client unnoticed. min and
-    # max propagate NaN, and NaN fails both comparisons.
-    if probabilities.size and not (probabilities.min() >= 0.0 and probabilities.max() < np.inf):
-        raise ValueError("probabilities must be finite and non-negative")
     return probabilities
+
+
+_INVALID_PROBABILITIES: Final = "probabilities must be finite and non-negative"
+
+
+def _kernel_result(output: tuple[bool, np.ndarray, np.ndarray, np.ndarray]) -> FingerprintResult:
+    """A kernel's (valid, probabilities, logit shift, perturbation) as a result, or the value error."""
+    valid, probabilities, logit_shift, perturbation = output
+    # A NaN or negative value would turn into NaN logits and be served to the client unnoticed.
+    if not valid:
+        raise ValueError(_INVALID_PROBABILITIES)
+    return FingerprintResult(probabilities=probabilities, perturbation=perturbation, logit_shift=logit_shift)
 
 
 def second_vs_top_log_ratio(probabilities: np.ndarray) -> np.ndarray:
@@ -266,104 +328,32 @@ class HmacSecondClassScheme(_StrengthScheme):
 
     def apply(self, probabilities: np.ndarray, inputs: np.ndarray, key: bytes) -> FingerprintResult:
         """Perturb the runner-up class's logit by alpha * base, capped MARGIN below the top class's logit."""
-        probabilities = _validated_probabilities(probabilities, inputs)
-        top, second = _top_and_second(probabilities)
-        logits = np.log(probabilities + LOG_EPSILON)
-        top_logit = np.take_along_axis(logits, top[:, None], axis=1)[:, 0]
-        second_logit = np.take_along_axis(logits, second[:, None], axis=1)[:, 0]
+        from shared import fingerprint_kernels
 
-        raw_perturbation = self.alpha * hmac_base(inputs, key)
-        perturbation = np.minimum(raw_perturbation, (top_logit - second_logit) - MARGIN)
-        np.put_along_axis(logits, second[:, None], (second_logit + perturbation)[:, None], axis=1)
-
-        # The top class's logit is still the row maximum, so it maps to exactly exp(0) = 1.
-        exponentials = np.exp(logits - top_logit[:, None])
-        fingerprinted = exponentials / exponentials.sum(axis=1, keepdims=True)
-
-        fingerprinted = _keep_top_on_top(fingerprinted, top)
-        logit_shift = np.zeros_like(logits)
-        np.put_along_axis(logit_shift, second[:, None], perturbation[:, None], axis=1)
-        return FingerprintResult(
-            probabilities=fingerprinted, perturbation=perturbation, logit_shift=logit_shift
+        probabilities = _checked_shapes(probabilities, inputs)
+        base = hmac_base(inputs, key)
+        return _kernel_result(
+            fingerprint_kernels.second_class_step(probabilities, base, self.alpha, LOG_EPSILON, MARGIN)
         )
-
-
-def _keep_top_on_top(fingerprinted: np.ndarray, top: np.ndarray) -> np.ndarray:
-    """Push any class that rounding merged with (or lifted above) the top class one ulp below it.
-
-    The perturbed logits keep the top class strictly largest, but rounding in log, exp and the division
-    can merge a class that was a few ulps below the top class with it; if that class has the lower index,
-    argmax's first-index rule would then pick it. Moving it one ulp down shifts the row sum by a few ulps.
-    """
-    top_probability = np.take_along_axis(fingerprinted, top[:, None], axis=1)
-    class_index = np.arange(fingerprinted.shape[1])[None, :]
-    outranks_top = (fingerprinted > top_probability) | (
-        (fingerprinted == top_probability) & (class_index < top[:, None])
-    )
-    result: np.ndarray = np.where(outranks_top, np.nextafter(top_probability, 0.0), fingerprinted)
-    return result
 
 
 _SIGNALS_PER_DIGEST: Final = 256  # one sign per bit of an HMAC-SHA256 digest
 
 
+def _hmac_positive_signs(inputs: np.ndarray, n_classes: int, key: bytes) -> np.ndarray:
+    """(rows, classes) booleans, True where bit c of the row's digest stream is set (module docstring)."""
+    _check_key_and_classes(key, n_classes)
+    blocks = -(-n_classes // _SIGNALS_PER_DIGEST)
+    suffixes = (b"",) + tuple(block.to_bytes(4, "little") for block in range(1, blocks))
+    digests = np.frombuffer(row_digests(inputs, key, suffixes), dtype=np.uint8)
+    # Bit c of a row's digest stream, most significant bit of byte 0 first.
+    bits = np.unpackbits(digests.reshape(inputs.shape[0], 32 * blocks), axis=1, count=n_classes)
+    return bits.view(np.bool_)
+
+
 def hmac_class_signs(inputs: np.ndarray, n_classes: int, key: bytes) -> np.ndarray:
     """Per-row, per-class keyed signs (+1.0 or -1.0) from HMAC-SHA256 of the canonical row (see above)."""
-    _check_key_and_classes(key, n_classes)
-    messages = canonical_messages(inputs)
-    blocks = -(-n_classes // _SIGNALS_PER_DIGEST)
-    suffixes = [b""] + [block.to_bytes(4, "little") for block in range(1, blocks)]
-    digests = b"".join(
-        hmac.digest(key, message + suffix, "sha256") for message in messages for suffix in suffixes
-    )
-    # Bit c of a row's digest stream, most significant bit of byte 0 first.
-    bits = np.unpackbits(np.frombuffer(digests, dtype=np.uint8).reshape(len(messages), -1), axis=1)
-    return bits[:, :n_classes].astype(np.float64) * 2.0 - 1.0
-
-
-def _apply_class_signs(probabilities: np.ndarray, positive: np.ndarray, alpha: float) -> FingerprintResult:
-    """Move every class's logit by +alpha (where `positive`) or -alpha, shrunk per row to keep the label.
-
-    The step and shrink of the all-classes schemes (module docstring), shared by both. `probabilities`
-    must be validated float64 (rows, classes); `positive` holds the keyed signs class-major, as a
-    (classes, rows) boolean array. The work runs class-major because numpy reduces over a short
-    contiguous axis (4 classes) several times slower than across rows. It reproduces bit for bit the
-    row-major formulation: only a class of sign +1 gains on a top class of sign -1, by exactly
-    alpha - -alpha; min_c(room_c / g) == min_c(room_c) / g and min_c(top - logit_c) == top - max_c(logit_c)
-    in IEEE arithmetic (both operations are monotone); and below 8 classes numpy's row sum adds the
-    classes in order, as the class-major sum does (from 8 on its pairwise order is kept by summing rows).
-    """
-    n_rows, n_classes = probabilities.shape
-    rows = np.arange(n_rows)
-    top, second = _top_and_second(probabilities)
-    logits = np.add(probabilities.T, LOG_EPSILON, order="C")
-    np.log(logits, out=logits)
-    shift = np.where(positive, alpha, -alpha)
-    if alpha > 0.0:
-        gaining = positive & ~positive[top, rows]
-        highest_gaining = np.where(gaining, logits, -np.inf).max(axis=0)
-        # Class c stays below the top class after a step lambda * shift while
-        # lambda * 2 * alpha < (logit_top - logit_c) - MARGIN for every gaining class c.
-        limit = ((logits[top, rows] - highest_gaining) - MARGIN) / (alpha - -alpha)
-        logit_shift = np.minimum(np.maximum(limit, 0.0), 1.0) * shift
-    else:
-        logit_shift = shift
-    exponentials = logits + logit_shift
-    exponentials -= exponentials.max(axis=0)
-    np.exp(exponentials, out=exponentials)
-    if n_classes < 8:
-        totals = exponentials.sum(axis=0)
-    else:
-        totals = np.ascontiguousarray(exponentials.T).sum(axis=1)
-    fingerprinted = np.divide(exponentials.T, totals[:, None], order="C")
-    # argmax equals top on every row exactly when no class outranks the top class (first index on ties).
-    if np.any(fingerprinted.argmax(axis=1) != top):
-        fingerprinted = _keep_top_on_top(fingerprinted, top)
-    return FingerprintResult(
-        probabilities=fingerprinted,
-        perturbation=logit_shift[second, rows] - logit_shift[top, rows],
-        logit_shift=logit_shift.T,
-    )
+    return np.where(_hmac_positive_signs(inputs, n_classes, key), 1.0, -1.0)
 
 
 class _AllClassesScheme(_StrengthScheme):
@@ -372,25 +362,21 @@ class _AllClassesScheme(_StrengthScheme):
     def __init__(self, alpha: float = DEFAULT_ALL_CLASSES_ALPHA) -> None:
         super().__init__(alpha)
 
-    def _positive_signs(self, inputs: np.ndarray, n_classes: int, key: bytes) -> np.ndarray:
-        """(classes, rows) booleans, True where the class's keyed sign is +1."""
-        raise NotImplementedError
-
-    def apply(self, probabilities: np.ndarray, inputs: np.ndarray, key: bytes) -> FingerprintResult:
-        """Add alpha * signal to every logit, shrunk per row so the top class stays MARGIN above the rest."""
-        probabilities = _validated_probabilities(probabilities, inputs)
-        positive = self._positive_signs(inputs, probabilities.shape[1], key)
-        return _apply_class_signs(probabilities, positive, self.alpha)
-
 
 class HmacAllClassesScheme(_AllClassesScheme):
     """Keyed HMAC step on every class's logit, scaled down per row where needed so the label never changes."""
 
     name: str = "hmac-all-classes"
 
-    def _positive_signs(self, inputs: np.ndarray, n_classes: int, key: bytes) -> np.ndarray:
-        positive: np.ndarray = (hmac_class_signs(inputs, n_classes, key) > 0.0).T
-        return positive
+    def apply(self, probabilities: np.ndarray, inputs: np.ndarray, key: bytes) -> FingerprintResult:
+        """Add alpha * signal to every logit, shrunk per row so the top class stays MARGIN above the rest."""
+        from shared import fingerprint_kernels
+
+        probabilities = _checked_shapes(probabilities, inputs)
+        positive = _hmac_positive_signs(inputs, probabilities.shape[1], key)
+        return _kernel_result(
+            fingerprint_kernels.all_classes_step(probabilities, positive, self.alpha, LOG_EPSILON, MARGIN)
+        )
 
 
 _FAST_HASH_TAG: Final = b"modelprint.fast-all-classes.v1\x00"
@@ -400,19 +386,15 @@ _PIECE_BITS: Final = 16
 _FLOAT64_EXACT_BITS: Final = 53
 _MAX_WEIGHT_BITS: Final = 32
 _MIN_WEIGHT_BITS: Final = 16
-# MurmurHash3's 64-bit finaliser (fmix64).
-_FMIX_SHIFT: Final = np.uint64(33)
-_FMIX_MULTIPLIER_1: Final = np.uint64(0xFF51AFD7ED558CCD)
-_FMIX_MULTIPLIER_2: Final = np.uint64(0xC4CEB9FE1A85EC53)
 
 
 @dataclass(frozen=True)
 class _FastHashParameters:
     """What `fast_class_signs` derives from a key for one feature and class count (module docstring)."""
 
-    weights: np.ndarray  # (2, 4 * F) float64 w0 and w1, exact integers below 2 ** weight_bits
-    multipliers: np.ndarray  # (2, 1) uint64 m0 and m1, odd
-    class_offsets: np.ndarray  # (C, 1) uint64, k + c * m2 modulo 2**64
+    weights: np.ndarray  # (2, 4 * F) uint64 w0 and w1, below 2 ** weight_bits
+    multipliers: np.ndarray  # (2,) uint64 m0 and m1, odd
+    class_offsets: np.ndarray  # (C,) uint64, k + c * m2 modulo 2**64
 
 
 @lru_cache(maxsize=16)
@@ -434,38 +416,33 @@ def _fast_hash_parameters(key: bytes, n_features: int, n_classes: int) -> _FastH
     )
     class_offsets = [(offset + c * (m2 | 1)) % (1 << 64) for c in range(n_classes)]
     return _FastHashParameters(
-        weights=words.reshape(2, n_pieces).astype(np.float64),
-        multipliers=np.array([[m0 | 1], [m1 | 1]], dtype=np.uint64),
-        class_offsets=np.array(class_offsets, dtype=np.uint64)[:, None],
+        weights=words.reshape(2, n_pieces).astype(np.uint64),
+        multipliers=np.array([m0 | 1, m1 | 1], dtype=np.uint64),
+        class_offsets=np.array(class_offsets, dtype=np.uint64),
     )
 
 
-def _fmix64(values: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finaliser, in place on a uint64 array (multiplications wrap modulo 2**64)."""
-    values ^= values >> _FMIX_SHIFT
-    values *= _FMIX_MULTIPLIER_1
-    values ^= values >> _FMIX_SHIFT
-    values *= _FMIX_MULTIPLIER_2
-    values ^= values >> _FMIX_SHIFT
-    return values
+def _fast_hash_operands(
+    inputs: np.ndarray, n_classes: int, key: bytes
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The rows (little-endian float64), their 16-bit pieces and the key's hash parameters, for a kernel."""
+    _check_key_and_classes(key, n_classes)
+    if inputs.ndim != 2:
+        raise ValueError(f"inputs must be a 2-D (rows, features) array, got shape {inputs.shape}")
+    # The kernel reads -0.0 as +0.0 itself, so the rows need no canonicalising copy.
+    rows = np.ascontiguousarray(inputs, dtype="<f8")
+    parameters = _fast_hash_parameters(key, rows.shape[1], n_classes)
+    return rows, rows.view("<u2"), parameters.weights, parameters.multipliers, parameters.class_offsets
 
 
 def fast_class_signs(inputs: np.ndarray, n_classes: int, key: bytes) -> np.ndarray:
-    """Keyed class signs from the vectorised hash (module docstring), class-major: (classes, rows) booleans.
+    """Keyed class signs from the vectorised hash (module docstring): (rows, classes) booleans.
 
     True stands for +1, False for -1.
     """
-    _check_key_and_classes(key, n_classes)
-    # The canonical row bytes of the HMAC message (widened, -0.0 -> +0.0, little-endian), read as
-    # little-endian 16-bit pieces: float64 values below 2**16, so the matrix product is exact.
-    canonical_rows = _canonical_rows(inputs)
-    parameters = _fast_hash_parameters(key, canonical_rows.shape[1], n_classes)
-    pieces = canonical_rows.view("<u2").astype(np.float64)
-    projections = (parameters.weights @ pieces.T).astype(np.uint64)
-    projections *= parameters.multipliers
-    row_hash = projections.sum(axis=0)
-    mixed = _fmix64(parameters.class_offsets + row_hash)
-    positive: np.ndarray = mixed >= np.uint64(1 << 63)
+    from shared import fingerprint_kernels
+
+    positive: np.ndarray = fingerprint_kernels.fast_signs(*_fast_hash_operands(inputs, n_classes, key))
     return positive
 
 
@@ -474,8 +451,15 @@ class FastAllClassesScheme(_AllClassesScheme):
 
     name: str = "fast-all-classes"
 
-    def _positive_signs(self, inputs: np.ndarray, n_classes: int, key: bytes) -> np.ndarray:
-        return fast_class_signs(inputs, n_classes, key)
+    def apply(self, probabilities: np.ndarray, inputs: np.ndarray, key: bytes) -> FingerprintResult:
+        """The all-classes step with the hash's signs, computed in the same pass over the rows."""
+        from shared import fingerprint_kernels
+
+        probabilities = _checked_shapes(probabilities, inputs)
+        operands = _fast_hash_operands(inputs, probabilities.shape[1], key)
+        return _kernel_result(
+            fingerprint_kernels.fast_all_classes(probabilities, *operands, self.alpha, LOG_EPSILON, MARGIN)
+        )
 
 
 class NoFingerprintScheme:
@@ -488,7 +472,9 @@ class NoFingerprintScheme:
 
     def apply(self, probabilities: np.ndarray, inputs: np.ndarray, key: bytes) -> FingerprintResult:
         """Return a float64 copy of the probabilities and a zero perturbation per row."""
-        probabilities = _validated_probabilities(probabilities, inputs)
+        probabilities = _checked_shapes(probabilities, inputs)
+        if probabilities.size and not (probabilities.min() >= 0.0 and probabilities.max() < np.inf):
+            raise ValueError(_INVALID_PROBABILITIES)
         return FingerprintResult(
             probabilities=probabilities.copy(),
             perturbation=np.zeros(probabilities.shape[0]),

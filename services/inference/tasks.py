@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import Any
 
 import redis
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from services.inference.config import InferenceSettings
 from services.inference.service import ModelCache, run_predict_job
@@ -44,6 +44,14 @@ def runtime() -> WorkerRuntime:
         secrets=load_secrets(settings),
         redis=redis.Redis.from_url(settings.require_redis_url()),
     )
+
+
+@worker_init.connect
+def _compile_fingerprint_kernels(**_: Any) -> None:
+    """Compile the fingerprint kernels before the first task (inherited by prefork children)."""
+    from shared import fingerprint_kernels
+
+    fingerprint_kernels.warm_up()
 
 
 @worker_process_init.connect
