@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -108,7 +109,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from shared.names import QUEUE_AUDIT, QUEUE_INFERENCE, QUEUE_SCANS
+    from shared.names import QUEUE_AUDIT, QUEUE_INFERENCE, QUEUE_SCANS, QUEUE_SCORING
 
     if args.queue == "inference":
         from services.inference.tasks import app
@@ -123,6 +124,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         if args.queue == "scans":
             queue, default_concurrency = QUEUE_SCANS, auditor_settings.scan_worker_concurrency
             pool = "prefork"  # scans need the hard time limit, which only a pool child can get
+        elif args.queue == "scoring":
+            queue, default_concurrency = QUEUE_SCORING, auditor_settings.scoring_concurrency
+            pool = "prefork"
+            os.nice(auditor_settings.scoring_nice)  # inherited by the pool's children
         else:
             queue, default_concurrency = QUEUE_AUDIT, auditor_settings.audit_concurrency
             pool = auditor_settings.audit_pool
@@ -484,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     worker = commands.add_parser("worker", help="run a Celery worker for one queue")
-    worker.add_argument("queue", choices=["inference", "audit", "scans"])
+    worker.add_argument("queue", choices=["inference", "audit", "scoring", "scans"])
     worker.add_argument("--concurrency", type=int, default=None)
     worker.set_defaults(handler=cmd_worker)
 
@@ -596,6 +601,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def limit_blas_threads(threads: int) -> None:
+    """Cap the BLAS and OpenMP thread pools of this process and of the processes it starts.
+
+    The loaded libraries are capped at run time (threadpoolctl); the environment variables cover
+    processes that load them afresh (uvicorn's spawned workers). Forked pool children inherit both.
+    """
+    from threadpoolctl import threadpool_limits
+
+    for variable in BLAS_THREAD_VARIABLES:
+        os.environ[variable] = str(threads)
+    threadpool_limits(limits=threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `modelprint` console script."""
     args = build_parser().parse_args(argv)
@@ -613,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.log_level,
         settings.log_format if args.command in ("serve", "worker", "beat") else "text",
     )
+    if args.command in ("serve", "worker", "beat"):
+        limit_blas_threads(settings.blas_threads)
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
     from modelprint.client import ApiCallError
     from modelprint.stack import AlreadyRunningError

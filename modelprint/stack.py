@@ -158,6 +158,7 @@ class Stack:
         cli = [sys.executable, "-m", "modelprint.cli"]
         specs: list[tuple[str, list[str]]] = [("auditor-api", [*cli, "serve", "auditor"])]
         specs.append(("audit-worker", [*cli, "worker", "audit"]))
+        specs.append(("scoring-worker", [*cli, "worker", "scoring"]))
         specs.append(("scan-worker", [*cli, "worker", "scans"]))
         for index in range(self.options.inference_workers):
             specs.append(
@@ -206,8 +207,8 @@ class Stack:
         finally:
             app.close()
         names = [name for reply in replies for name in reply]
-        audit_up = any(name.startswith("audit@") for name in names) and any(
-            name.startswith("scans@") for name in names
+        audit_up = all(
+            any(name.startswith(prefix) for name in names) for prefix in ("audit@", "scoring@", "scans@")
         )
         inference_up = sum(name.startswith("inference") for name in names) >= self.options.inference_workers
         return audit_up and inference_up

@@ -11,9 +11,11 @@ from shared.names import (
     QUEUE_AUDIT,
     QUEUE_INFERENCE,
     QUEUE_SCANS,
+    QUEUE_SCORING,
     TASK_PREDICT,
     TASK_RECORD_QUERIES,
     TASK_RUN_SCAN,
+    TASK_SCORE_CLIENT,
 )
 
 # The prediction path's messages (a request's rows, its audit record) go as msgpack: kombu's JSON
@@ -41,6 +43,7 @@ def create_celery_app(settings: Settings, main: str = "modelprint") -> Celery:
             TASK_PREDICT: {"queue": QUEUE_INFERENCE},
             TASK_RECORD_QUERIES: {"queue": QUEUE_AUDIT},
             TASK_RUN_SCAN: {"queue": QUEUE_SCANS},
+            TASK_SCORE_CLIENT: {"queue": QUEUE_SCORING},
         },
         task_soft_time_limit=120,
         task_time_limit=180,

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     fingerprint_scheme: str = DEFAULT_SCHEME
     fingerprint_alpha: float | None = Field(default=None, gt=0.0, le=1.0)
 
+    # Threads of the BLAS / OpenMP pools (numpy, scikit-learn) in each service process. Services scale
+    # with processes; a second BLAS thread per process only spin-waits for work under load (measured:
+    # half the inference worker's CPU with two threads per process on two cores).
+    blas_threads: int = Field(default=1, ge=1, le=256)
+
     # Celery / broker behaviour: an unacknowledged message returns to its queue after this long.
     broker_visibility_timeout: int = Field(default=300, ge=1)
 

@@ -5,7 +5,9 @@ from typing import Final
 QUEUE_INFERENCE: Final = "inference"
 QUEUE_AUDIT: Final = "audit"
 QUEUE_SCANS: Final = "scans"
-ALL_QUEUES: Final = (QUEUE_INFERENCE, QUEUE_AUDIT, QUEUE_SCANS)
+# Suspicion scoring has its own queue and worker, so storing answered rows never waits behind it.
+QUEUE_SCORING: Final = "scoring"
+ALL_QUEUES: Final = (QUEUE_INFERENCE, QUEUE_AUDIT, QUEUE_SCANS, QUEUE_SCORING)
 
 TASK_PREDICT: Final = "inference.predict"
 TASK_RECORD_QUERIES: Final = "audit.record_queries"
@@ -21,5 +23,5 @@ TASK_DISPATCH_SCANS: Final = "scans.dispatch_due"
 REDIS_API_KEYS: Final = "modelprint:apikeys"
 REDIS_MODELS: Final = "modelprint:models"
 REDIS_REPLY_CHANNEL_PREFIX: Final = "modelprint:replies:"
-# Set while a scoring of the client waits on the audit queue (the auditor's own bookkeeping).
+# Set while a scoring of the client waits on the scoring queue (the auditor's own bookkeeping).
 REDIS_SCORING_PENDING_PREFIX: Final = "modelprint:scoring-pending:"

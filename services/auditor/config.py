@@ -12,6 +12,11 @@ class AuditorSettings(Settings):
     registry_sync_seconds: float = Field(default=30.0, gt=0)
     audit_concurrency: int = Field(default=1, ge=1)
     audit_pool: Literal["prefork", "solo"] = "prefork"
+    # Processes of the scoring worker (`modelprint worker scoring`), which runs the suspicion detectors,
+    # and its CPU priority (nice value): under CPU contention answering and storing queries come first,
+    # and scoring catches up (in large, cheaper blocks) when the load eases.
+    scoring_concurrency: int = Field(default=1, ge=1)
+    scoring_nice: int = Field(default=10, ge=0, le=19)
     audit_page_limit: int = Field(default=1000, ge=1)
     # Comma-separated hosts webhooks may reach although they resolve to private/loopback addresses.
     webhook_allowed_hosts: str = ""
@@ -19,6 +24,9 @@ class AuditorSettings(Settings):
     # Score a client's new queries after this many new rows, and on a beat schedule.
     suspicion_every: int = Field(default=100, ge=1)
     suspicion_beat_seconds: float = Field(default=30.0, gt=0)
+    # A triggered scoring starts this long after its trigger, so that under load one job scores the
+    # rows of many requests at once (its cost per row falls several-fold) instead of a few hundred.
+    suspicion_delay_seconds: float = Field(default=1.0, ge=0, le=60)
     # Suspect scans: outbound probing limits and the decision level.
     scan_allowed_hosts: str = ""
     scan_max_probes: int = Field(default=5000, ge=10)

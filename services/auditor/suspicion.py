@@ -84,9 +84,17 @@ def score_client(session: Session, client_id: int, profiles: ProfileCache) -> li
         (state.model_name, state.detector): state
         for state in session.scalars(select(SuspicionState).where(SuspicionState.client_id == client_id))
     }
-    model_names = list(
-        session.scalars(select(QueryRecord.model_name).where(QueryRecord.client_id == client_id).distinct())
+    # The models with stored state, and those of the rows since the oldest state's last row: a range
+    # scan of the new rows only (the client's whole history grows without bound). A model whose rows
+    # all predate that point and that never had state (no reference data then) is scored from its
+    # first row once the client queries it again.
+    watermark = min((state.last_record_id for state in states.values()), default=0)
+    new_models = session.scalars(
+        select(QueryRecord.model_name)
+        .where(QueryRecord.client_id == client_id, QueryRecord.id > watermark)
+        .distinct()
     )
+    model_names = sorted({model_name for model_name, _ in states} | set(new_models))
     scores = []
     for model_name in model_names:
         profile_entry = profiles.get(session, model_name)

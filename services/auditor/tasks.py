@@ -1,4 +1,4 @@
-"""Celery tasks of the auditor (audit queue) and its beat schedule: thin wrappers around the services."""
+"""Celery tasks of the auditor (audit, scoring and scans queues) and its beat schedule: thin wrappers."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from shared.logs import configure_logging
 from shared.names import (
     QUEUE_AUDIT,
     QUEUE_SCANS,
+    QUEUE_SCORING,
     REDIS_SCORING_PENDING_PREFIX,
     TASK_DELIVER_WEBHOOK,
     TASK_DISPATCH_SCANS,
@@ -54,7 +55,9 @@ app.conf.beat_schedule = {
     "score-clients": {
         "task": TASK_SCORE_ALL,
         "schedule": settings.suspicion_beat_seconds,
-        "options": {"queue": QUEUE_AUDIT, "expires": settings.suspicion_beat_seconds},
+        # Scoring has its own queue and worker: the audit queue carries query records and must not wait
+        # behind the detectors (a catch-up of 20,000 rows takes seconds).
+        "options": {"queue": QUEUE_SCORING, "expires": settings.suspicion_beat_seconds},
     },
 }
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
@@ -105,8 +108,9 @@ def claim_scoring(client: redis.Redis, client_id: int) -> bool:
     """True if no scoring of the client is waiting on the queue (and mark one as waiting).
 
     A waiting scoring covers every row stored before it starts, so a second one would only repeat
-    it; under heavy traffic (one trigger per `suspicion_every` rows) this keeps the audit worker
-    storing rows instead of rescoring. The mark expires, so a lost task cannot stop scoring.
+    it; under heavy traffic (one trigger per `suspicion_every` rows) this keeps the scoring worker
+    catching up in large blocks instead of rescoring. The mark expires, so a lost task cannot stop
+    scoring.
     """
     return bool(client.set(f"{REDIS_SCORING_PENDING_PREFIX}{client_id}", 1, nx=True, ex=SCORING_MARK_SECONDS))
 
@@ -118,7 +122,8 @@ def queue_scoring(client_id: int) -> None:
     except redis.RedisError:
         claimed = True  # queueing below reports the outage as before
     if claimed:
-        score_client_task.apply_async(args=[client_id], queue=QUEUE_AUDIT)
+        delay = settings.suspicion_delay_seconds
+        score_client_task.apply_async(args=[client_id], queue=QUEUE_SCORING, countdown=delay or None)
 
 
 @app.task(name=TASK_SYNC_REGISTRY, autoretry_for=(*TRANSIENT_DB_ERRORS, redis.ConnectionError), max_retries=3)

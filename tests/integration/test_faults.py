@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import redis
 
-from shared.names import QUEUE_AUDIT, TASK_RECORD_QUERIES
+from shared.names import QUEUE_AUDIT, REDIS_SCORING_PENDING_PREFIX, TASK_RECORD_QUERIES
 from tests.conftest import (
     TEST_PREDICT_TIMEOUT,
     TEST_VISIBILITY_TIMEOUT,
@@ -171,3 +171,35 @@ def test_stalled_inference_worker_gives_504_not_a_hang(
     with gateway:
         answer = gateway.predict(small_model.name, small_model.X[:3].tolist())
     assert np.array(answer["predictions"][0]["probabilities"]).shape == (3,)
+
+
+def test_stalled_scoring_worker_does_not_delay_storing(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    """Scoring runs on its own queue and worker: with that worker frozen, answered rows are still stored
+    at once, the scoring waits on its queue, and it runs when the worker is back."""
+    stack = running_stack.stack
+    broker = redis.Redis.from_url(stack.redis_url or "")
+    stack.kill_service("scoring-worker", signal.SIGSTOP)
+    try:
+        client_id, answered = _answered_rows(running_stack, small_model, requests=4, rows=40)
+        wait_until(
+            lambda: running_stack.query_count(client_id) == answered,
+            timeout=20,
+            message="rows stored while the scoring worker is stopped",
+        )
+        # 160 rows crossed the test stack's scoring step (50) three times: a scoring was queued (the
+        # triggers coalesce into one) and has not started (starting clears the mark).
+        assert broker.exists(f"{REDIS_SCORING_PENDING_PREFIX}{client_id}")
+        with running_stack.operator() as operator:
+            assert operator.suspicion(client_id)["models"] == {}
+    finally:
+        stack.kill_service("scoring-worker", signal.SIGCONT)
+        broker.close()
+    with running_stack.operator() as operator:
+        scored = wait_until(
+            lambda: operator.suspicion(client_id)["models"].get(small_model.name),
+            timeout=60,
+            message="the client scored once the scoring worker is back",
+        )
+    assert {entry["queries_seen"] for entry in scored} == {answered}

@@ -42,12 +42,18 @@ APP_SERVICES: dict[str, list[str]] = {
     "auditor-api": ["serve", "auditor"],
     "inference-worker": ["worker", "inference"],
     "audit-worker": ["worker", "audit"],
+    "scoring-worker": ["worker", "scoring"],
     "scan-worker": ["worker", "scans"],
     "beat": ["beat"],
 }
 LONG_RUNNING = [name for name in APP_SERVICES if name != "migrate"]
 HTTP_SERVICES = {"gateway": "/v2/health/ready", "auditor-api": "/healthz"}
-WORKER_SERVICES = {"inference-worker": "inference", "audit-worker": "audit", "scan-worker": "scans"}
+WORKER_SERVICES = {
+    "inference-worker": "inference",
+    "audit-worker": "audit",
+    "scoring-worker": "scoring",
+    "scan-worker": "scans",
+}
 SECRET_VARS = ("MODELPRINT_ADMIN_TOKEN", "MODELPRINT_FINGERPRINT_KEYS")
 
 # Compose interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error},
@@ -170,6 +176,8 @@ def worker_argv(monkeypatch: pytest.MonkeyPatch, queue: str) -> list[str]:
         inference_concurrency=2,
         audit_concurrency=1,
         scan_worker_concurrency=1,
+        scoring_concurrency=1,
+        scoring_nice=0,
         inference_pool="prefork",
         audit_pool="prefork",
     )
@@ -374,7 +382,7 @@ def test_app_services_run_in_production_mode_with_least_secrets() -> None:
         env = environment(services()[name])
         for var in (*SECRET_VARS, "MODELPRINT_FINGERPRINT_ACTIVE_KEY", "MODELPRINT_DATABASE_URL"):
             assert var in env, f"{name} needs {var}"
-    for name in ("gateway", "audit-worker", "beat", "migrate"):
+    for name in ("gateway", "audit-worker", "scoring-worker", "beat", "migrate"):
         env = environment(services()[name])
         assert not set(SECRET_VARS) & env.keys(), f"{name} must not receive secrets it does not use"
     assert "MODELPRINT_DATABASE_URL" not in environment(services()["gateway"])

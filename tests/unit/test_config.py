@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -104,3 +105,16 @@ def test_settings_read_the_environment(tmp_path: Path, monkeypatch: pytest.Monke
     assert settings.gateway_port == 9100
     assert settings.data_dir == tmp_path.resolve()
     assert list(settings.fingerprint_keys) == ["k9"]
+
+
+def test_service_processes_cap_their_blas_thread_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from modelprint.cli import BLAS_THREAD_VARIABLES, limit_blas_threads
+
+    for variable in BLAS_THREAD_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    with threadpool_limits(limits=2):  # restores this process's pools afterwards
+        limit_blas_threads(1)
+        assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {1}
+    assert all(os.environ[variable] == "1" for variable in BLAS_THREAD_VARIABLES)

@@ -1,0 +1,233 @@
+"""Where the modelprint stack spends its CPU under load: CPU ms per request for each kind of process.
+
+Starts the stack as `bench.end_to_end` does (the ECG MLP deployed, one API key), warms it up, then runs
+`wrk` closed loop for `--seconds` and reads the CPU time (user + system) of every process of the stack
+before and after, grouped by role: gateway, inference worker, audit worker, scan worker, beat,
+operator API, Redis and PostgreSQL (all its backends). It waits until every answered row is in
+PostgreSQL before reading the second sample, so the audit trail's cost is counted in full.
+
+With `--profile ROLE[,ROLE]` it also runs `py-spy record` (a benchmark dependency) on those roles'
+processes during the load and prints each profile's top functions by own time, so a lever can be
+chosen from a measurement. Usage:
+
+    .venv/bin/python -m bench.cpu_breakdown --rows 80 --connections 16 --seconds 15
+    .venv/bin/python -m bench.cpu_breakdown --rows 80 --profile inference,audit --top 25 \\
+        --variant tuned:MODELPRINT_INFERENCE_POOL=solo,MODELPRINT_AUDIT_POOL=solo,INFERENCE_WORKERS=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from bench.end_to_end import (
+    Server,
+    modelprint_server,
+    parse_variant,
+    request_bodies,
+    stack_options,
+)
+from bench.loadgen import closed_loop, wrk_available
+from modelprint.training import save_model, save_reference_data, train_ecg_model
+
+ROLES = {
+    ("serve", "gateway"): "gateway",
+    ("worker", "inference"): "inference",
+    ("worker", "audit"): "audit",
+    ("worker", "scoring"): "scoring",
+    ("worker", "scans"): "scans",
+    ("beat",): "beat",
+    ("serve", "auditor"): "operator-api",
+}
+
+
+def role_of(process: psutil.Process) -> str:
+    """The stack role of a process, from its command line."""
+    try:
+        argv = process.cmdline()
+    except psutil.Error:
+        return "gone"
+    if any("redis-server" in part for part in argv[:1]) or process.name().startswith("redis"):
+        return "redis"
+    if process.name().startswith("postgres") or any("postgres" in Path(part).name for part in argv[:1]):
+        return "postgresql"
+    if "modelprint.cli" in argv:
+        rest = argv[argv.index("modelprint.cli") + 1 :]
+        for prefix, role in ROLES.items():
+            if tuple(rest[: len(prefix)]) == prefix:
+                return role
+    return "other"
+
+
+def stack_processes(server: Server) -> dict[int, psutil.Process]:
+    processes: dict[int, psutil.Process] = {}
+    for pid in server.root_pids():
+        try:
+            root = psutil.Process(pid)
+            for process in [root, *root.children(recursive=True)]:
+                processes[process.pid] = process
+        except psutil.Error:
+            continue
+    return processes
+
+
+def cpu_by_process(processes: dict[int, psutil.Process]) -> dict[int, tuple[str, float]]:
+    sample: dict[int, tuple[str, float]] = {}
+    for pid, process in processes.items():
+        try:
+            times = process.cpu_times()
+            sample[pid] = (role_of(process), times.user + times.system)
+        except psutil.Error:
+            continue
+    return sample
+
+
+def wait_for_audit(server: Server, answered_before: int, answered: int, limit: float = 120.0) -> float:
+    """Seconds until the audit trail holds every answered row (rows = requests x rows per request)."""
+    assert server.audited_rows is not None
+    started = time.monotonic()
+    while server.audited_rows() < answered_before + answered:
+        if time.monotonic() - started > limit:
+            break
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def top_functions(raw_profile: Path, top: int) -> list[tuple[float, str]]:
+    """Own-time share of the hottest functions in a py-spy `raw` (collapsed stacks) profile."""
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw_profile.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        own[frames[-1]] += int(count)
+        total += int(count)
+    return [(count / max(1, total), frame) for frame, count in own.most_common(top)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=80, help="rows per request")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--profile", default="", help="roles to profile with py-spy, comma-separated")
+    parser.add_argument("--top", type=int, default=20, help="functions listed per profile")
+    parser.add_argument("--variant", default="", metavar="NAME:KEY=VALUE,...", help="as in bench.end_to_end")
+    parser.add_argument("--inference-workers", type=int, default=1)
+    parser.add_argument("--inference-concurrency", type=int, default=2)
+    parser.add_argument("--gateway-workers", type=int, default=1)
+    args = parser.parse_args()
+    if not wrk_available():
+        sys.exit("wrk is not installed: `apt-get install -y wrk`")
+    profiled = [role for role in args.profile.split(",") if role]
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if profiled and not Path(py_spy).exists():
+        sys.exit("py-spy is not installed: `make bench-setup`")
+    name, overrides = parse_variant(args.variant) if args.variant else ("modelprint", {})
+    env = {
+        key: value
+        for key, value in overrides.items()
+        if key not in {"GATEWAY_WORKERS", "INFERENCE_WORKERS", "INFERENCE_CONCURRENCY"}
+    }
+
+    trained = train_ecg_model()
+    pool = np.vstack([trained.X_train, trained.X_test])
+    bodies = request_bodies(pool, args.rows, np.random.default_rng(0))
+    with tempfile.TemporaryDirectory(prefix="modelprint-cpu-") as tmp:
+        folder = Path(tmp)
+        model_path = folder / "ecg.skops"
+        save_model(trained.estimator, model_path)
+        save_reference_data(trained.X_test, trained.y_test, folder / "reference.npz")
+        options = stack_options(args, overrides)
+        print(f"starting {name} ...", flush=True)
+        with modelprint_server(
+            name, folder, model_path, folder / "reference.npz", options, bodies[0], env
+        ) as server:
+            target = server.target(bodies)
+            closed_loop(target, 4, 3)  # warm-up, not measured
+            assert server.audited_rows is not None
+            time.sleep(1.0)
+            wait_for_audit(server, 0, 0)
+            processes = stack_processes(server)
+            spies: list[tuple[str, int, Path, subprocess.Popen[bytes]]] = []
+            for pid, process in processes.items():
+                role = role_of(process)
+                if role in profiled:
+                    output = folder / f"{role}-{pid}.txt"
+                    spy = subprocess.Popen(  # noqa: S603 - py-spy with our own arguments
+                        [
+                            py_spy,
+                            "record",
+                            "--pid",
+                            str(pid),
+                            "--format",
+                            "raw",
+                            "--output",
+                            str(output),
+                            "--duration",
+                            str(int(args.seconds) + 2),
+                            "--rate",
+                            "200",
+                            "--nonblocking",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    spies.append((role, pid, output, spy))
+            audited_before = server.audited_rows()
+            before = cpu_by_process(processes)
+            result = closed_loop(target, args.connections, args.seconds)
+            drain = wait_for_audit(server, audited_before, result.ok * args.rows)
+            after = cpu_by_process(stack_processes(server))
+            nice = {role_of(process): process.nice() for process in stack_processes(server).values()}
+            for _, _, _, spy in spies:
+                spy.wait(timeout=args.seconds + 60)
+            per_role: dict[str, float] = collections.defaultdict(float)
+            for pid, (role, seconds) in after.items():
+                per_role[role] += seconds - before.get(pid, (role, 0.0))[1]
+            total = sum(per_role.values())
+            per_request, per_row = 1e3 / max(1, result.ok), 1e6 / max(1, result.ok * args.rows)
+            print(
+                f"\n{name}: {args.rows}-row requests, wrk -c{args.connections} for {args.seconds:g} s: "
+                f"{result.ok} answered ({result.throughput:.0f}/s, "
+                f"{result.throughput * args.rows:,.0f} rows/s), "
+                f"{result.errors} errors, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms; "
+                f"audit drained {drain:.1f} s after the load"
+            )
+            print(
+                f"{'role':<14} {'nice':>4} {'CPU s':>7} {'share':>6} "
+                f"{'CPU ms/request':>15} {'CPU us/row':>11}"
+            )
+            for role, seconds in sorted(per_role.items(), key=lambda item: -item[1]):
+                print(
+                    f"{role:<14} {nice.get(role, 0):>4} {seconds:>7.2f} {seconds / total:>6.0%} "
+                    f"{seconds * per_request:>15.2f} {seconds * per_row:>11.1f}"
+                )
+            print(
+                f"{'all':<14} {'':>4} {total:>7.2f} {'':>6} {total * 1e3 / max(1, result.ok):>15.2f} "
+                f"{total * 1e6 / max(1, result.ok * args.rows):>11.1f}"
+            )
+            for role, pid, output, _ in spies:
+                if not output.exists():
+                    print(f"\n{role} (pid {pid}): no profile (idle, or py-spy lacks permission)")
+                    continue
+                print(f"\n{role} (pid {pid}): hottest functions by own time")
+                for share, frame in top_functions(output, args.top):
+                    print(f"  {share:>6.1%}  {frame}")
+
+
+if __name__ == "__main__":
+    main()
