@@ -54,6 +54,9 @@ def create_celery_app(settings: Settings, main: str = "modelprint") -> Celery:
             # sweep runs only every ~100 s), so they return to the queue soon after the timeout.
             "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout // 2)),
             "unacked_restore_throttle": 1,
+            # The sweep holds a Redis mutex; a worker killed or frozen while holding it blocks every
+            # sweep until it expires (kombu's default: 300 s). A sweep takes milliseconds.
+            "unacked_mutex_expire": max(5, min(60, settings.broker_visibility_timeout)),
             "socket_connect_timeout": 5,
         },
         worker_prefetch_multiplier=4,

@@ -118,3 +118,15 @@ def test_service_processes_cap_their_blas_thread_pools(monkeypatch: pytest.Monke
         limit_blas_threads(1)
         assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {1}
     assert all(os.environ[variable] == "1" for variable in BLAS_THREAD_VARIABLES)
+
+
+@pytest.mark.parametrize(("visibility", "mutex"), [(5, 5), (300, 60), (1, 5)])
+def test_a_dead_sweeper_cannot_block_redelivery_for_long(visibility: int, mutex: int) -> None:
+    from shared.celery_app import create_celery_app
+
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", broker_visibility_timeout=visibility)
+    options = create_celery_app(settings).conf.broker_transport_options
+    # kombu's restore sweep holds a Redis mutex; a worker killed while holding it would otherwise stop
+    # every redelivery for kombu's default of 300 s.
+    assert options["unacked_mutex_expire"] == mutex
+    assert options["unacked_restore_interval"] <= max(1, visibility // 2)
