@@ -30,6 +30,7 @@ import numpy as np
 import psutil
 
 from bench.end_to_end import (
+    STACK_OPTION_KEYS,
     Server,
     modelprint_server,
     parse_variant,
@@ -137,11 +138,7 @@ def main() -> None:
     if profiled and not Path(py_spy).exists():
         sys.exit("py-spy is not installed: `make bench-setup`")
     name, overrides = parse_variant(args.variant) if args.variant else ("modelprint", {})
-    env = {
-        key: value
-        for key, value in overrides.items()
-        if key not in {"GATEWAY_WORKERS", "INFERENCE_WORKERS", "INFERENCE_CONCURRENCY"}
-    }
+    env = {key: value for key, value in overrides.items() if key not in STACK_OPTION_KEYS}
 
     trained = train_ecg_model()
     pool = np.vstack([trained.X_train, trained.X_test])
@@ -159,8 +156,12 @@ def main() -> None:
             target = server.target(bodies)
             closed_loop(target, 4, 3)  # warm-up, not measured
             assert server.audited_rows is not None
-            time.sleep(1.0)
-            wait_for_audit(server, 0, 0)
+            assert server.audit_backlog is not None
+            # Start from an idle stack: the warm-up's rows stored and their scoring begun.
+            deadline = time.monotonic() + 60
+            while server.audit_backlog() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(2.0)
             processes = stack_processes(server)
             spies: list[tuple[str, int, Path, subprocess.Popen[bytes]]] = []
             for pid, process in processes.items():
