@@ -362,21 +362,28 @@ class _AllClassesScheme(_StrengthScheme):
     def __init__(self, alpha: float = DEFAULT_ALL_CLASSES_ALPHA) -> None:
         super().__init__(alpha)
 
-
-class HmacAllClassesScheme(_AllClassesScheme):
-    """Keyed HMAC step on every class's logit, scaled down per row where needed so the label never changes."""
-
-    name: str = "hmac-all-classes"
+    def _positive_signs(self, inputs: np.ndarray, n_classes: int, key: bytes) -> np.ndarray:
+        """(rows, classes) booleans, True where the class's keyed sign is +1."""
+        raise NotImplementedError
 
     def apply(self, probabilities: np.ndarray, inputs: np.ndarray, key: bytes) -> FingerprintResult:
         """Add alpha * signal to every logit, shrunk per row so the top class stays MARGIN above the rest."""
         from shared import fingerprint_kernels
 
         probabilities = _checked_shapes(probabilities, inputs)
-        positive = _hmac_positive_signs(inputs, probabilities.shape[1], key)
+        positive = self._positive_signs(inputs, probabilities.shape[1], key)
         return _kernel_result(
             fingerprint_kernels.all_classes_step(probabilities, positive, self.alpha, LOG_EPSILON, MARGIN)
         )
+
+
+class HmacAllClassesScheme(_AllClassesScheme):
+    """Keyed HMAC step on every class's logit, scaled down per row where needed so the label never changes."""
+
+    name: str = "hmac-all-classes"
+
+    def _positive_signs(self, inputs: np.ndarray, n_classes: int, key: bytes) -> np.ndarray:
+        return _hmac_positive_signs(inputs, n_classes, key)
 
 
 _FAST_HASH_TAG: Final = b"modelprint.fast-all-classes.v1\x00"
@@ -451,15 +458,8 @@ class FastAllClassesScheme(_AllClassesScheme):
 
     name: str = "fast-all-classes"
 
-    def apply(self, probabilities: np.ndarray, inputs: np.ndarray, key: bytes) -> FingerprintResult:
-        """The all-classes step with the hash's signs, computed in the same pass over the rows."""
-        from shared import fingerprint_kernels
-
-        probabilities = _checked_shapes(probabilities, inputs)
-        operands = _fast_hash_operands(inputs, probabilities.shape[1], key)
-        return _kernel_result(
-            fingerprint_kernels.fast_all_classes(probabilities, *operands, self.alpha, LOG_EPSILON, MARGIN)
-        )
+    def _positive_signs(self, inputs: np.ndarray, n_classes: int, key: bytes) -> np.ndarray:
+        return fast_class_signs(inputs, n_classes, key)
 
 
 class NoFingerprintScheme:

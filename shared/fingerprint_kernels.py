@@ -1,8 +1,8 @@
 """Compiled (numba) row loops for the fingerprint steps of `shared.fingerprint`.
 
 Each kernel does one pass over the batch, one row at a time, with everything a row needs (top and
-runner-up class, logits, step, softmax, the label guard, and for "fast-all-classes" the keyed hash) kept
-in registers. The numpy formulation spent most of its time on the fixed cost of about fifty array
+runner-up class, logits, step, softmax, the label guard; or, for "fast-all-classes", the keyed hash)
+kept in registers. The numpy formulation spent most of its time on the fixed cost of about fifty array
 calls per batch, which at 80 rows exceeded the arithmetic several times over.
 
 The formulas are those of the module docstring of `shared.fingerprint`, with the softmax of the shifted
@@ -206,23 +206,6 @@ def fast_signs(
 
 
 @_jit
-def fast_all_classes(
-    probabilities: np.ndarray,
-    rows: np.ndarray,
-    pieces: np.ndarray,
-    weights: np.ndarray,
-    multipliers: np.ndarray,
-    class_offsets: np.ndarray,
-    alpha: float,
-    log_epsilon: float,
-    margin: float,
-) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray]:
-    """The "fast-all-classes" scheme: the hash's signs, then `all_classes_step`."""
-    positive = fast_signs(rows, pieces, weights, multipliers, class_offsets)
-    return all_classes_step(probabilities, positive, alpha, log_epsilon, margin)
-
-
-@_jit
 def second_class_step(
     probabilities: np.ndarray, base: np.ndarray, alpha: float, log_epsilon: float, margin: float
 ) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray]:
@@ -266,4 +249,3 @@ def warm_up() -> None:
     all_classes_step(probabilities, positive, 0.1, 1e-8, 1e-6)
     second_class_step(probabilities, np.zeros(1), 0.1, 1e-8, 1e-6)
     fast_signs(rows, pieces, weights, multipliers, class_offsets)
-    fast_all_classes(probabilities, rows, pieces, weights, multipliers, class_offsets, 0.1, 1e-8, 1e-6)
