@@ -33,11 +33,12 @@ from bench.end_to_end import (
     STACK_OPTION_KEYS,
     Server,
     modelprint_server,
+    parse_stack_arguments,
     parse_variant,
     request_bodies,
     stack_options,
 )
-from bench.loadgen import closed_loop, wrk_available
+from bench.loadgen import closed_loop
 from modelprint.training import save_model, save_reference_data, train_ecg_model
 
 ROLES = {
@@ -70,15 +71,7 @@ def role_of(process: psutil.Process) -> str:
 
 
 def stack_processes(server: Server) -> dict[int, psutil.Process]:
-    processes: dict[int, psutil.Process] = {}
-    for pid in server.root_pids():
-        try:
-            root = psutil.Process(pid)
-            for process in [root, *root.children(recursive=True)]:
-                processes[process.pid] = process
-        except psutil.Error:
-            continue
-    return processes
+    return {process.pid: process for process in server.processes()}
 
 
 def cpu_by_process(processes: dict[int, psutil.Process]) -> dict[int, tuple[str, float]]:
@@ -127,12 +120,7 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="roles to profile with py-spy, comma-separated")
     parser.add_argument("--top", type=int, default=20, help="functions listed per profile")
     parser.add_argument("--variant", default="", metavar="NAME:KEY=VALUE,...", help="as in bench.end_to_end")
-    parser.add_argument("--inference-workers", type=int, default=1)
-    parser.add_argument("--inference-concurrency", type=int, default=2)
-    parser.add_argument("--gateway-workers", type=int, default=1)
-    args = parser.parse_args()
-    if not wrk_available():
-        sys.exit("wrk is not installed: `apt-get install -y wrk`")
+    args = parse_stack_arguments(parser)
     profiled = [role for role in args.profile.split(",") if role]
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if profiled and not Path(py_spy).exists():
@@ -192,8 +180,9 @@ def main() -> None:
             before = cpu_by_process(processes)
             result = closed_loop(target, args.connections, args.seconds)
             drain = wait_for_audit(server, audited_before, result.ok * args.rows)
-            after = cpu_by_process(stack_processes(server))
-            nice = {role_of(process): process.nice() for process in stack_processes(server).values()}
+            processes_after = stack_processes(server)
+            after = cpu_by_process(processes_after)
+            nice = {role_of(process): process.nice() for process in processes_after.values()}
             for _, _, _, spy in spies:
                 spy.wait(timeout=args.seconds + 60)
             per_role: dict[str, float] = collections.defaultdict(float)

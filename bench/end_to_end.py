@@ -108,17 +108,26 @@ class Server:
     audited_rows: Callable[[], int] | None = None
     audit_backlog: Callable[[], int] | None = None
 
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) used so far by the server's processes and their children."""
-        total = 0.0
+    def processes(self) -> list[psutil.Process]:
+        """The server's processes and all their children, as they are now."""
+        found: list[psutil.Process] = []
         for pid in self.root_pids():
             try:
                 root = psutil.Process(pid)
-                for process in [root, *root.children(recursive=True)]:
-                    times = process.cpu_times()
-                    total += times.user + times.system
+                found += [root, *root.children(recursive=True)]
             except psutil.Error:
                 continue
+        return found
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the server's processes and their children."""
+        total = 0.0
+        for process in self.processes():
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
         return total
 
     def target(self, bodies: list[bytes]) -> Target:
@@ -166,6 +175,17 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     name, _, assignments = spec.partition(":")
     env = dict(item.split("=", 1) for item in assignments.split(",") if item)
     return f"modelprint[{name}]", env
+
+
+def parse_stack_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add the stack's process counts to a benchmark's arguments, parse them, and require wrk."""
+    parser.add_argument("--inference-workers", type=int, default=1)
+    parser.add_argument("--inference-concurrency", type=int, default=2)
+    parser.add_argument("--gateway-workers", type=int, default=1)
+    args = parser.parse_args()
+    if not wrk_available():
+        sys.exit("wrk is not installed: `apt-get install -y wrk`")
+    return args
 
 
 def stack_options(args: argparse.Namespace, overrides: dict[str, str]) -> StackOptions:
@@ -454,12 +474,7 @@ def main() -> None:
         help="also run a modelprint stack with these environment variables (a lever set differently), "
         "e.g. nobatch:MODELPRINT_MICRO_BATCH_WINDOW_MS=0",
     )
-    parser.add_argument("--inference-workers", type=int, default=1)
-    parser.add_argument("--inference-concurrency", type=int, default=2)
-    parser.add_argument("--gateway-workers", type=int, default=1)
-    args = parser.parse_args()
-    if not wrk_available():
-        sys.exit("wrk is not installed: `apt-get install -y wrk`")
+    args = parse_stack_arguments(parser)
     variants = dict(parse_variant(spec) for spec in args.variant)
     servers = args.servers.split(",") + list(variants)
     if "mlserver" in servers and not args.mlserver.exists():
