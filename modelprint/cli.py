@@ -132,6 +132,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             queue, default_concurrency = QUEUE_AUDIT, auditor_settings.audit_concurrency
             pool = auditor_settings.audit_pool
     concurrency = args.concurrency or default_concurrency
+    from shared.gc_tuning import tune_garbage_collector
+
+    tune_garbage_collector()
     app.worker_main(
         [
             "worker",

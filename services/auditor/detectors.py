@@ -1,4 +1,4 @@
-"""Extraction-suspicion detectors: pure numpy logic the auditor runs incrementally on each client's queries.
+"""Extraction-suspicion detectors: numpy logic (one numba kernel) the auditor runs incrementally per client.
 
 Each detector sees one client's queries to one model version, a chunk at a time, in arrival order::
 
@@ -47,6 +47,8 @@ from typing import Any, Protocol
 
 import numpy as np
 from scipy import stats
+
+from services.auditor import detector_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -616,18 +618,26 @@ class NearDuplicateDetector(_WindowBinomialDetector):
         labels: np.ndarray,
         call: dict[str, Any],
     ) -> None:
-        history = arrays["history"].astype(np.float64)
+        history = arrays["history"]
         n, m = Z.shape[0], history.shape[0]
-        candidates = np.concatenate([history, Z])
-        D = squared_distances(Z, candidates)  # squared: see squared_distances
-        # Query j sits at position m + j; it is compared with the `history` queries just before it only.
-        position = m + np.arange(n)[:, None]
-        column = np.arange(m + n)[None, :]
-        D[(column >= position) | (column < position - self.history)] = np.inf
-        is_repeat = D <= REPEAT_TOLERANCE_SQUARED
-        repeat = np.any(is_repeat, axis=1)
-        D[is_repeat] = np.inf
-        nearest = np.sqrt(D.min(axis=1))
+        candidates = np.empty((m + n, Z.shape[1]))
+        candidates[:m] = history
+        candidates[m:] = Z
+        # Query i sits at position m + i; it is compared with the `history` queries just before it only.
+        # Squared distances as in squared_distances; the kernel takes the window, repeats and minimum.
+        nearest_squared = np.empty(n)
+        repeat = np.empty(n, dtype=np.bool_)
+        detector_kernels.nearest_earlier(
+            Z @ candidates.T,
+            np.einsum("ij,ij->i", Z, Z),
+            np.einsum("ij,ij->i", candidates, candidates),
+            m,
+            self.history,
+            REPEAT_TOLERANCE_SQUARED,
+            nearest_squared,
+            repeat,
+        )
+        nearest = np.sqrt(nearest_squared)
         # The client's very first query has nothing to compare with (inf): not flagged, and kept as NaN
         # among the window's distances, which the explanation's median skips.
         meta["repeats"] = int(meta["repeats"]) + int(repeat.sum())

@@ -208,11 +208,13 @@ def store_client_batches(session: Session, client_id: int, batches: list[QueryBa
         raise ValueError(f"every batch must belong to client {client_id}")
     chain = lock_chain(session, client_id)
     # Under the chain lock, a concurrent redelivery of the same batches sees these rows once committed.
+    # By request id alone, which is unique (uq_query_records_request_id_row_index): with the client's id
+    # in the condition too, PostgreSQL intersected that index with one over the client's whole history,
+    # a cost that grew with every row the client had sent.
     already = set(
         session.execute(
             select(QueryRecord.request_id, QueryRecord.row_index).where(
-                QueryRecord.client_id == client_id,
-                QueryRecord.request_id.in_([batch.request_id for batch in batches]),
+                QueryRecord.request_id.in_([batch.request_id for batch in batches])
             )
         ).tuples()
     )

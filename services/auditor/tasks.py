@@ -9,7 +9,7 @@ from functools import lru_cache
 from typing import Any
 
 import redis
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from services.auditor import alerts, scans, service, suspicion
@@ -19,6 +19,7 @@ from shared.celery_app import create_celery_app
 from shared.config import load_secrets
 from shared.db import Client, Suspect, session_factory, session_scope
 from shared.fingerprint import get_scheme
+from shared.gc_tuning import tune_garbage_collector
 from shared.logs import configure_logging
 from shared.names import (
     QUEUE_AUDIT,
@@ -76,9 +77,18 @@ def _database_url() -> str:
     return settings.require_database_url()
 
 
+@worker_init.connect
+def _compile_detector_kernels(**_: Any) -> None:
+    """Compile the detector kernels before the first task (inherited by prefork children)."""
+    from services.auditor import detector_kernels
+
+    detector_kernels.warm_up()
+
+
 @worker_process_init.connect
 def _init_worker_process(**_: Any) -> None:
     configure_logging("auditor", settings.log_level, settings.log_format)
+    tune_garbage_collector()
 
 
 @app.task(

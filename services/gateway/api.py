@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.gateway import service
 from services.gateway.config import GatewaySettings
 from shared.celery_app import create_celery_app
+from shared.gc_tuning import tune_garbage_collector
 from shared.http import ApiError, OrjsonResponse, install_error_handlers
 from shared.schemas import DeployedModel, PredictReply
 
@@ -79,6 +80,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await dispatcher.start()
+        tune_garbage_collector()
         logger.info("gateway ready", extra={"reply_channel": dispatcher.channel})
         yield
         await dispatcher.stop()

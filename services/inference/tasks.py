@@ -15,6 +15,7 @@ from services.inference.service import ModelCache, run_predict_job
 from shared.celery_app import FAST_SERIALIZER, create_celery_app
 from shared.config import Secrets, load_secrets
 from shared.fingerprint import FingerprintScheme, get_scheme
+from shared.gc_tuning import tune_garbage_collector
 from shared.logs import configure_logging
 from shared.names import QUEUE_AUDIT, TASK_PREDICT, TASK_RECORD_QUERIES
 from shared.schemas import PredictJob, PredictReplies, PredictReply
@@ -58,6 +59,7 @@ def _compile_fingerprint_kernels(**_: Any) -> None:
 def _init_worker_process(**_: Any) -> None:
     configure_logging("inference", settings.log_level, settings.log_format)
     runtime()
+    tune_garbage_collector()
 
 
 @app.task(

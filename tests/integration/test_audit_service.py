@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 import redis
+from sqlalchemy import text
 
 from services.auditor import service
 from shared.db import session_scope
@@ -99,3 +100,15 @@ def test_registry_sync_waits_for_a_client_being_created(running_stack: RunningSt
         assert client.hexists(REDIS_API_KEYS, created.client.api_key_hash)
     finally:
         client.close()
+
+
+def test_detector_states_are_stored_without_compression(running_stack: RunningStack) -> None:
+    # Migration 0004: float32 archives do not compress, and pglz's attempt cost PostgreSQL CPU per job.
+    with session_scope(running_stack.stack.database_url or "") as session:
+        storage = session.execute(
+            text(
+                "SELECT attstorage FROM pg_attribute "
+                "WHERE attrelid = 'suspicion_states'::regclass AND attname = 'state'"
+            )
+        ).scalar_one()
+    assert storage == "e"
