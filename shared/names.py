@@ -23,5 +23,8 @@ TASK_DISPATCH_SCANS: Final = "scans.dispatch_due"
 REDIS_API_KEYS: Final = "modelprint:apikeys"
 REDIS_MODELS: Final = "modelprint:models"
 REDIS_REPLY_CHANNEL_PREFIX: Final = "modelprint:replies:"
+# How far behind the audit trail is: each audit worker process writes "<lag seconds> <unix time>" to
+# its own field after every commit (lag: from the oldest answer of the message to its commit).
+REDIS_AUDIT_LAG: Final = "modelprint:audit-lag"
 # Set while a scoring of the client waits on the scoring queue (the auditor's own bookkeeping).
 REDIS_SCORING_PENDING_PREFIX: Final = "modelprint:scoring-pending:"

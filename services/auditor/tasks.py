@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
+import time
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -25,6 +28,7 @@ from shared.names import (
     QUEUE_AUDIT,
     QUEUE_SCANS,
     QUEUE_SCORING,
+    REDIS_AUDIT_LAG,
     REDIS_SCORING_PENDING_PREFIX,
     TASK_DELIVER_WEBHOOK,
     TASK_DISPATCH_SCANS,
@@ -107,11 +111,33 @@ def record_queries(**payload: Any) -> int:
     batches = [QueryBatch.model_validate(raw) for raw in raw_batches]
     with session_scope(_database_url()) as session:
         stored = service.store_query_batches(session, batches)
+    report_audit_lag(batches)
     every = settings.suspicion_every
     for client_id, result in stored.items():
         if result.inserted and result.length_before // every != result.length_after // every:
             queue_scoring(client_id)
     return sum(result.inserted for result in stored.values())
+
+
+# The lag hash disappears this long after the last report (a restarted worker's old field goes with it).
+AUDIT_LAG_TTL_SECONDS = 60
+
+
+def report_audit_lag(batches: list[QueryBatch]) -> None:
+    """Tell the gateways how far behind this worker stores answers (their admission control reads it).
+
+    Best effort: the rows are already committed, and a Redis hiccup must not fail or repeat the task.
+    Each worker process writes its own field; a gateway takes the largest recent one.
+    """
+    lag = (datetime.now(UTC) - min(batch.answered_at for batch in batches)).total_seconds()
+    field = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        with registry_client().pipeline(transaction=False) as pipe:
+            pipe.hset(REDIS_AUDIT_LAG, field, f"{max(lag, 0.0):.3f} {time.time():.3f}")
+            pipe.expire(REDIS_AUDIT_LAG, AUDIT_LAG_TTL_SECONDS)
+            pipe.execute()
+    except redis.RedisError as exc:
+        logger.warning("could not report the audit lag", extra={"error": str(exc)})
 
 
 def claim_scoring(client: redis.Redis, client_id: int) -> bool:

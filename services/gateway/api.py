@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +29,18 @@ LATENCY = Histogram(
     "Request latency by route",
     ["route"],
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
+)
+
+AUDIT_LAG = Gauge(
+    "modelprint_gateway_audit_lag_seconds",
+    "Largest lag (answer to commit) the audit workers reported in the last 2 s; 0 when none did",
+)
+ADMISSION_RATE = Gauge(
+    "modelprint_gateway_admission_rate_rows", "Rows per second the gateway lets in; -1 when not paced"
+)
+ADMITTED_ROWS = Gauge("modelprint_gateway_admitted_rows", "Rows let in since the gateway started")
+ADMISSION_REFUSED = Gauge(
+    "modelprint_gateway_admission_refused", "Requests refused (503) while the audit trail was behind"
 )
 
 
@@ -75,7 +87,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         settings.max_inference_backlog,
         window=settings.micro_batch_window_ms / 1000,
         max_job_rows=settings.micro_batch_max_rows,
+        admission=service.AdmissionControl(settings.audit_lag_target_seconds)
+        if settings.audit_lag_target_seconds > 0
+        else None,
     )
+
+    admission = dispatcher.admission
+    if admission is not None:
+        AUDIT_LAG.set_function(lambda: admission.lag or 0.0)
+        ADMISSION_RATE.set_function(lambda: -1.0 if admission.rate is None else admission.rate)
+        ADMITTED_ROWS.set_function(lambda: admission.admitted_rows)
+        ADMISSION_REFUSED.set_function(lambda: admission.refused)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -14,3 +14,6 @@ class GatewaySettings(Settings):
     # Requests arriving within this window of each other go to the inference queue as one job.
     micro_batch_window_ms: float = Field(default=2.0, ge=0, le=100)
     micro_batch_max_rows: int = Field(default=1024, ge=1)
+    # Admission control: when the audit workers report a lag (answer to commit) above this, the gateway
+    # limits the rows in flight until they catch up; 0 turns it off.
+    audit_lag_target_seconds: float = Field(default=2.0, ge=0)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
+import math
+import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +28,7 @@ from shared.http import ApiError
 from shared.names import (
     QUEUE_INFERENCE,
     REDIS_API_KEYS,
+    REDIS_AUDIT_LAG,
     REDIS_MODELS,
     REDIS_REPLY_CHANNEL_PREFIX,
     TASK_PREDICT,
@@ -32,6 +37,10 @@ from shared.schemas import ClientIdentity, DeployedModel, PredictReplies, Predic
 from shared.security import bearer_token, hash_api_key
 
 logger = logging.getLogger(__name__)
+
+# The gateway reads the audit workers' lag reports this often, and ignores reports older than this.
+AUDIT_LAG_POLL_SECONDS = 0.25
+AUDIT_LAG_MAX_AGE_SECONDS = 2.0
 
 _NUMBER_TYPES = (int, float)
 _NUMBER_TYPE_SET = frozenset(_NUMBER_TYPES)
@@ -223,6 +232,138 @@ def v2_inputs_to_array(body: Any, model: DeployedModel, max_rows: int) -> np.nda
     return array
 
 
+def audit_lag(reports: Mapping[Any, bytes | str], now: float, max_age: float) -> float | None:
+    """The largest lag among the audit workers' reports of the last `max_age` seconds (None: none).
+
+    A report is "<lag seconds> <unix time>" (see `REDIS_AUDIT_LAG`). A worker that is behind stores
+    continuously and so reports continuously; no recent report means every worker is idle (caught up)
+    or down. Unreadable reports are ignored.
+    """
+    recent = []
+    for value in reports.values():
+        try:
+            lag_text, at_text = (value.decode() if isinstance(value, bytes) else value).split()
+            lag, at = float(lag_text), float(at_text)
+        except ValueError:
+            continue
+        if now - at <= max_age and lag == lag:  # lag == lag: not NaN
+            recent.append(lag)
+    return max(recent, default=None)
+
+
+class AdmissionControl:
+    """Paces the gateway's intake when the audit trail falls behind (rows per second, AIMD).
+
+    Every answered row must reach PostgreSQL soon; when the auditor cannot keep up (the machine is
+    saturated, or the audit workers are too few), answering faster only lets the audit trail fall
+    further behind. So, from the lag the audit workers report, the gateway sets a rate of rows it
+    admits:
+
+    - lag above `target`: the rate drops to `decrease` times the rows per second admitted lately (at
+      most once per `decrease_interval`: the lag answers a change only after the queue has moved);
+    - lag at or below the target: the rate grows by `increase` per observation, and is lifted once it
+      is far above what arrives, or as soon as no worker reports (all caught up, or down: a stopped
+      auditor does not stop predictions; their rows wait in Redis).
+
+    While paced, requests wait and are let in together every `tick` seconds, as many as the rate
+    allows, so that they still leave as one inference job and one audit message: letting them in one
+    by one made audit messages of a single request, which cost the auditor more per row and so made
+    it fall further behind. A request that cannot be let in before its deadline gets a 503 with
+    Retry-After.
+    """
+
+    def __init__(
+        self,
+        target: float,
+        *,
+        decrease: float = 0.7,
+        increase: float = 1.05,
+        decrease_interval: float = 1.0,
+        tick: float = 0.1,
+        min_rate: float = 100.0,
+    ) -> None:
+        self.target = target
+        self.decrease = decrease
+        self.increase = increase
+        self.decrease_interval = decrease_interval
+        self.tick = tick
+        self.min_rate = min_rate
+        self.rate: float | None = None
+        self.lag: float | None = None
+        self.refused = 0
+        self.admitted_rows = 0
+        self._budget = 0.0
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self._last_decrease = -math.inf
+        self._last_observation: tuple[float, int] | None = None
+        self._recent_rate = 0.0
+
+    async def admit(self, rows: int, timeout: float) -> None:
+        """Return once the request's rows are let in; wait (up to `timeout` s) while intake is paced."""
+        if self.rate is None and not self._waiting:
+            self.admitted_rows += rows
+            return
+        entry = (rows, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(entry[1]), timeout)
+        except TimeoutError as exc:
+            if entry[1].done():  # let in at the last moment
+                return
+            self._waiting.remove(entry)
+            self.refused += 1
+            behind = f"{self.lag:.1f} s" if self.lag is not None else "too far"
+            raise ApiError(
+                503,
+                f"the audit trail is {behind} behind, so the gateway is pacing requests until it catches "
+                "up; retry shortly",
+                {"Retry-After": "1"},
+            ) from exc
+
+    def release_due(self) -> None:
+        """Let in the waiting requests the rate allows now (all of them when intake is not paced)."""
+        if self.rate is not None:
+            self._budget = min(self._budget + self.rate * self.tick, self.rate * self.tick)
+        while self._waiting and (self.rate is None or self._budget > 0):
+            rows, future = self._waiting.popleft()
+            self._budget -= rows  # a request larger than one tick's share goes first and is paid off later
+            self.admitted_rows += rows
+            future.set_result(None)
+
+    def abandon(self, error: ApiError) -> None:
+        """Fail every waiting request (the gateway is stopping)."""
+        while self._waiting:
+            _, future = self._waiting.popleft()
+            future.set_exception(error)
+
+    def observe(self, lag: float | None, now: float) -> None:
+        """Adjust the rate to the latest audit lag (None: no recent report)."""
+        self.lag = lag
+        if self._last_observation is not None and now > self._last_observation[0]:
+            then, admitted_then = self._last_observation
+            self._recent_rate = (self.admitted_rows - admitted_then) / (now - then)
+        self._last_observation = (now, self.admitted_rows)
+        if lag is not None and lag > self.target:
+            if now - self._last_decrease >= self.decrease_interval:
+                if self.rate is None:
+                    logger.warning(
+                        "audit trail behind: pacing the gateway's intake",
+                        extra={"audit_lag_seconds": lag, "target_seconds": self.target},
+                    )
+                    self._budget = 0.0
+                current = self._recent_rate if self.rate is None else min(self.rate, self._recent_rate)
+                self.rate = max(self.min_rate, self.decrease * current)
+                self._last_decrease = now
+            return
+        if self.rate is None:
+            return
+        self.rate *= self.increase
+        if lag is None or self.rate > 4 * self._recent_rate + 10 * self.min_rate:
+            self.rate = None
+            logger.info("audit trail caught up: intake no longer paced", extra={"audit_lag_seconds": lag})
+            self.release_due()
+
+
 @dataclass
 class _OpenJob:
     """Requests for one model version waiting to leave together as one inference task."""
@@ -248,8 +389,10 @@ class Dispatcher:
         max_backlog: int,
         window: float = 0.0,
         max_job_rows: int = 1024,
+        admission: AdmissionControl | None = None,
     ) -> None:
         self.celery = celery
+        self.admission = admission
         self.redis = redis_client
         self.timeout = timeout
         self.max_backlog = max_backlog
@@ -261,22 +404,29 @@ class Dispatcher:
         self._open_jobs: dict[tuple[str, int], _OpenJob] = {}
         self._sending: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
+        self._lag_watcher: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
 
     async def start(self) -> None:
-        """Subscribe to the reply channel before any job is sent."""
+        """Subscribe to the reply channel before any job is sent; follow the audit lag."""
         self._reader = asyncio.create_task(self._read_replies(), name="gateway-replies")
+        if self.admission is not None:
+            self._lag_watcher = asyncio.create_task(self._watch_audit_lag(self.admission), name="audit-lag")
         await asyncio.wait_for(self._subscribed.wait(), timeout=10)
 
     async def stop(self) -> None:
         """Stop reading replies and fail whatever still waits."""
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._lag_watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        stopping = ApiError(503, "the gateway is shutting down; retry")
+        if self.admission is not None:
+            self.admission.abandon(stopping)
         for future in self._pending.values():
             if not future.done():
-                future.set_exception(ApiError(503, "the gateway is shutting down; retry"))
+                future.set_exception(stopping)
         self._pending.clear()
 
     @property
@@ -303,6 +453,21 @@ class Dispatcher:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                 await asyncio.sleep(0.5)
+
+    async def _watch_audit_lag(self, admission: AdmissionControl) -> None:
+        next_poll = 0.0
+        while True:
+            now = time.time()
+            if now >= next_poll:
+                try:
+                    reports = await self.redis.hgetall(REDIS_AUDIT_LAG)
+                except RedisError:
+                    reports = {}  # Redis is down: requests fail at enqueue anyway; do not hold them here
+                now = time.time()
+                admission.observe(audit_lag(reports, now, AUDIT_LAG_MAX_AGE_SECONDS), now)
+                next_poll = now + AUDIT_LAG_POLL_SECONDS
+            admission.release_due()
+            await asyncio.sleep(admission.tick)
 
     def _resolve(self, data: bytes) -> None:
         try:
@@ -331,8 +496,12 @@ class Dispatcher:
         """Add the rows to the model's open job and wait for their reply, without blocking the event loop."""
         if not self._subscribed.is_set():
             raise ApiError(503, "the gateway is not connected to Redis yet; retry shortly")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        if self.admission is not None:
+            await self.admission.admit(len(rows), self.timeout)
         request_id = uuid.uuid4().hex
-        future: asyncio.Future[PredictReply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[PredictReply] = loop.create_future()
         self._pending[request_id] = future
         try:
             self._add_to_job(
@@ -346,7 +515,7 @@ class Dispatcher:
                 len(rows),
             )
             try:
-                reply = await asyncio.wait_for(future, timeout=self.timeout)
+                reply = await asyncio.wait_for(future, timeout=max(0.0, deadline - loop.time()))
             except TimeoutError as exc:
                 raise ApiError(
                     504,

@@ -71,6 +71,13 @@ def test_v2_metadata_and_health(running_stack: RunningStack, small_model: Deploy
         assert gateway.http.get("/v2/models/nope").status_code == 404
         metrics = gateway.http.get("/metrics").text
     assert "modelprint_gateway_requests_total" in metrics
+    for admission_metric in (  # admission control is on by default
+        "modelprint_gateway_audit_lag_seconds",
+        "modelprint_gateway_admission_rate_rows",
+        "modelprint_gateway_admitted_rows",
+        "modelprint_gateway_admission_refused",
+    ):
+        assert f"\n{admission_metric} " in metrics
 
 
 def test_every_answered_row_reaches_postgresql(

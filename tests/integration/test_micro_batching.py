@@ -8,16 +8,19 @@ and every answered row must reach its own client's audit history.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from services.gateway.config import GatewaySettings
-from services.gateway.service import Dispatcher, deployed_model
+from services.gateway.service import AdmissionControl, Dispatcher, audit_lag, deployed_model
 from shared.celery_app import create_celery_app
 from shared.http import ApiError
-from shared.schemas import ClientIdentity, PredictReply
+from shared.names import REDIS_AUDIT_LAG
+from shared.schemas import ClientIdentity, DeployedModel, PredictReply
 from tests.conftest import DeployedTestModel, RunningStack, wait_until
 
 pytestmark = pytest.mark.integration
@@ -40,18 +43,24 @@ async def _dispatch(
     await dispatcher.start()
     try:
         model = await deployed_model(redis_client, model_name)
-        replies = await asyncio.gather(
-            *(
-                dispatcher.predict(ClientIdentity(client_id=client_id, name="batcher"), model, rows)
-                for client_id, rows in requests
-            ),
-            return_exceptions=True,
-        )
-        return list(replies), dispatcher.jobs_sent
+        return await _predict_all(dispatcher, model, requests), dispatcher.jobs_sent
     finally:
         await dispatcher.stop()
         await redis_client.aclose()
         celery.close()
+
+
+async def _predict_all(
+    dispatcher: Dispatcher, model: DeployedModel, requests: list[tuple[int, np.ndarray]]
+) -> list[PredictReply | BaseException]:
+    replies = await asyncio.gather(
+        *(
+            dispatcher.predict(ClientIdentity(client_id=client_id, name="batcher"), model, rows)
+            for client_id, rows in requests
+        ),
+        return_exceptions=True,
+    )
+    return list(replies)
 
 
 def test_coalesced_requests_get_their_own_answers_and_audit_rows(
@@ -125,3 +134,66 @@ def test_a_full_job_leaves_before_its_window_ends(
     )
     assert jobs == 3  # 6 + 6 rows would exceed 10: each request travels alone
     assert [len(reply.label_indices) for reply in replies if isinstance(reply, PredictReply)] == [6, 6, 6]
+
+
+def test_admission_control_paces_requests_while_the_audit_trail_is_behind(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    """A reported lag above the target paces intake (here 20 rows/s: one 2-row request per 0.1 s tick
+    at most); nothing is lost or refused, and once the report is withdrawn (and the real workers'
+    reports are older than the gateway's 2 s horizon) requests coalesce again.
+    """
+    client_id, _, _ = running_stack.new_client("admission")
+    requests = [(client_id, small_model.X[index : index + 2]) for index in range(0, 8, 2)]
+    report_field = "test-admission:1"
+
+    async def scenario() -> tuple[int, float, int]:
+        settings = GatewaySettings(redis_url=running_stack.stack.redis_url)
+        redis_client = aioredis.Redis.from_url(settings.require_redis_url())
+        celery = create_celery_app(settings, main="test-admission")
+        admission = AdmissionControl(target=2.0, tick=0.1, min_rate=20.0)
+        dispatcher = Dispatcher(
+            celery, redis_client, timeout=30, max_backlog=5000, window=0.01, admission=admission
+        )
+        await redis_client.hset(REDIS_AUDIT_LAG, report_field, f"30.000 {time.time():.3f}")
+        await dispatcher.start()
+        try:
+            model = await deployed_model(redis_client, small_model.name)
+            for _ in range(40):
+                if admission.rate is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert admission.lag == 30.0
+            assert admission.rate == 20.0  # nothing was let in lately: the floor
+            started = time.monotonic()
+            paced = await _predict_all(dispatcher, model, requests)
+            paced_seconds = time.monotonic() - started
+            assert all(isinstance(reply, PredictReply) and reply.ok for reply in paced)
+            jobs_while_behind = dispatcher.jobs_sent
+            await redis_client.hdel(REDIS_AUDIT_LAG, report_field)
+            for _ in range(100):
+                if admission.rate is None:
+                    break
+                await asyncio.sleep(0.1)
+            assert admission.rate is None
+            released = await _predict_all(dispatcher, model, requests)
+            assert all(isinstance(reply, PredictReply) and reply.ok for reply in released)
+            return jobs_while_behind, paced_seconds, dispatcher.jobs_sent - jobs_while_behind
+        finally:
+            await redis_client.hdel(REDIS_AUDIT_LAG, report_field)
+            await dispatcher.stop()
+            await redis_client.aclose()
+            celery.close()
+
+    jobs_while_behind, paced_seconds, jobs_after = asyncio.run(scenario())
+    assert jobs_while_behind == len(requests)  # one per tick, although all arrived together
+    assert paced_seconds >= 0.3  # 8 rows at 20 rows/s: at least three ticks apart
+    assert jobs_after == 1  # coalesced again
+    wait_until(
+        lambda: running_stack.query_count(client_id) == 2 * 8, 30, "every answered row reaches the audit"
+    )
+    # The audit worker that stored them reported its own lag (answer to commit) for the gateways.
+    reports = redis.Redis.from_url(running_stack.stack.redis_url or "").hgetall(REDIS_AUDIT_LAG)
+    lag = audit_lag(reports, time.time(), max_age=30.0)
+    assert lag is not None
+    assert 0.0 <= lag < 30.0
