@@ -261,9 +261,12 @@ class AdmissionControl:
 
     - lag above `target`: the rate drops to `decrease` times the rows per second admitted lately (at
       most once per `decrease_interval`: the lag answers a change only after the queue has moved);
-    - lag at or below the target: the rate grows by `increase` per observation, and is lifted once it
-      is far above what arrives, or as soon as no worker reports (all caught up, or down: a stopped
-      auditor does not stop predictions; their rows wait in Redis).
+    - lag at or below the target: the rate grows by `increase` per observation; it is lifted once the
+      lag is below half the target, once the rate is far above what arrives, or as soon as no worker
+      reports (all caught up, or down: a stopped auditor does not stop predictions; their rows wait in
+      Redis). Without the half-target rule a rate cut to the floor while a backlog drained (nothing
+      arriving, so "what was let in lately" is nothing) took many seconds to grow back, and the next
+      light load waited for ticks: 100 single-row requests/s had a p50 of 105 ms.
 
     While paced, requests wait and are let in together every `tick` seconds, as many as the rate
     allows, so that they still leave as one inference job and one audit message: letting them in one
@@ -358,7 +361,7 @@ class AdmissionControl:
         if self.rate is None:
             return
         self.rate *= self.increase
-        if lag is None or self.rate > 4 * self._recent_rate + 10 * self.min_rate:
+        if lag is None or lag < self.target / 2 or self.rate > 4 * self._recent_rate + 10 * self.min_rate:
             self.rate = None
             logger.info("audit trail caught up: intake no longer paced", extra={"audit_lag_seconds": lag})
             self.release_due()

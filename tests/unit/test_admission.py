@@ -48,6 +48,11 @@ def test_rate_falls_when_behind_grows_when_on_time_and_is_lifted() -> None:
         assert control.rate is not None
         control.observe(None, now=4.25)
         assert control.rate is None  # no recent report: caught up (or down), not paced
+        control.admitted_rows += 4000
+        control.observe(9.0, now=5.25)
+        assert control.rate is not None
+        control.observe(0.9, now=5.5)
+        assert control.rate is None  # below half the target: caught up, not paced
 
     asyncio.run(scenario())
 
