@@ -18,7 +18,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from services.auditor import alerts, scans, service, suspicion
 from services.auditor.config import AuditorSettings
 from services.auditor.probe import ProbeLimits
-from shared.celery_app import create_celery_app
+from shared import audit_outbox
+from shared.celery_app import FAST_SERIALIZER, create_celery_app
 from shared.config import load_secrets
 from shared.db import Client, Suspect, session_factory, session_scope
 from shared.fingerprint import get_scheme
@@ -33,6 +34,7 @@ from shared.names import (
     TASK_DELIVER_WEBHOOK,
     TASK_DISPATCH_SCANS,
     TASK_RECORD_QUERIES,
+    TASK_RESEND_AUDIT,
     TASK_RUN_SCAN,
     TASK_SCORE_ALL,
     TASK_SCORE_CLIENT,
@@ -56,6 +58,11 @@ app.conf.beat_schedule = {
         "schedule": settings.scan_dispatch_seconds,
         # On the scans queue: the audit queue carries query records and must not wait behind scans.
         "options": {"queue": QUEUE_SCANS, "expires": settings.scan_dispatch_seconds},
+    },
+    "resend-audit-outbox": {
+        "task": TASK_RESEND_AUDIT,
+        "schedule": settings.audit_outbox_check_seconds,
+        "options": {"queue": QUEUE_AUDIT, "expires": settings.audit_outbox_check_seconds},
     },
     "score-clients": {
         "task": TASK_SCORE_ALL,
@@ -105,12 +112,18 @@ def _init_worker_process(**_: Any) -> None:
 def record_queries(**payload: Any) -> int:
     """Store the answered rows of a job's requests in one transaction; a redelivery inserts nothing twice.
 
-    The payload is `{"batches": [QueryBatch, ...]}`, or one QueryBatch (messages of earlier versions).
+    The payload is `{"batches": [QueryBatch, ...], "outbox_id": ...}`, or one QueryBatch (messages of
+    earlier versions); the outbox entry is cleared once the rows are committed.
     """
     raw_batches = payload["batches"] if "batches" in payload else [payload]
     batches = [QueryBatch.model_validate(raw) for raw in raw_batches]
     with session_scope(_database_url()) as session:
         stored = service.store_query_batches(session, batches)
+    if "outbox_id" in payload:
+        try:
+            audit_outbox.remove(registry_client(), str(payload["outbox_id"]))
+        except redis.RedisError as exc:  # the entry is re-sent later and then stores nothing twice
+            logger.warning("could not clear the audit outbox entry", extra={"error": str(exc)})
     report_audit_lag(batches)
     every = settings.suspicion_every
     for client_id, result in stored.items():
@@ -160,6 +173,20 @@ def queue_scoring(client_id: int) -> None:
     if claimed:
         delay = settings.suspicion_delay_seconds
         score_client_task.apply_async(args=[client_id], queue=QUEUE_SCORING, countdown=delay or None)
+
+
+@app.task(name=TASK_RESEND_AUDIT, autoretry_for=(redis.ConnectionError,), max_retries=3)
+def resend_audit_outbox() -> int:
+    """Beat: send again the audit messages not committed after `audit_outbox_resend_seconds`."""
+    overdue = audit_outbox.overdue(registry_client(), settings.audit_outbox_resend_seconds)
+    for _, payload in overdue:
+        app.send_task(TASK_RECORD_QUERIES, kwargs=payload, queue=QUEUE_AUDIT, serializer=FAST_SERIALIZER)
+    if overdue:
+        logger.warning(
+            "audit messages re-sent from the outbox",
+            extra={"messages": len(overdue), "after_seconds": settings.audit_outbox_resend_seconds},
+        )
+    return len(overdue)
 
 
 @app.task(name=TASK_SYNC_REGISTRY, autoretry_for=(*TRANSIENT_DB_ERRORS, redis.ConnectionError), max_retries=3)

@@ -10,7 +10,11 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway import service
@@ -78,7 +82,14 @@ class MetricsMiddleware:
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """The gateway application."""
     settings = settings or GatewaySettings()
-    redis_client = aioredis.Redis.from_url(settings.require_redis_url(), health_check_interval=10)
+    # After a Redis restart every pooled connection fails once; retry such errors (all the gateway's
+    # commands are reads) instead of answering 503 for each stale connection.
+    redis_client = aioredis.Redis.from_url(
+        settings.require_redis_url(),
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
     celery = create_celery_app(settings, main="modelprint-gateway")
     dispatcher = service.Dispatcher(
         celery,

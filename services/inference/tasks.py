@@ -12,6 +12,7 @@ from celery.signals import worker_init, worker_process_init
 
 from services.inference.config import InferenceSettings
 from services.inference.service import ModelCache, run_predict_job
+from shared import audit_outbox
 from shared.celery_app import FAST_SERIALIZER, create_celery_app
 from shared.config import Secrets, load_secrets
 from shared.fingerprint import FingerprintScheme, get_scheme
@@ -82,11 +83,9 @@ def predict(**payload: Any) -> None:
         ]
         batches = []
     if batches:
-        # One audit message per job: the auditor stores its requests in one transaction.
-        app.send_task(
-            TASK_RECORD_QUERIES,
-            kwargs={"batches": [batch.model_dump(mode="json") for batch in batches]},
-            queue=QUEUE_AUDIT,
-            serializer=FAST_SERIALIZER,
-        )
+        # One audit message per job: the auditor stores its requests in one transaction. It goes to the
+        # outbox first (a copy kept until the rows are committed; see shared/audit_outbox.py).
+        audit = {"batches": [batch.model_dump(mode="json") for batch in batches], "outbox_id": job.job_id}
+        audit_outbox.put(state.redis, job.job_id, audit)
+        app.send_task(TASK_RECORD_QUERIES, kwargs=audit, queue=QUEUE_AUDIT, serializer=FAST_SERIALIZER)
     state.redis.publish(job.reply_to, PredictReplies(replies=replies).model_dump_json())

@@ -11,8 +11,9 @@ import redis
 from sqlalchemy import text
 
 from services.auditor import service
+from shared import audit_outbox
 from shared.db import session_scope
-from shared.names import REDIS_API_KEYS, REDIS_MODELS
+from shared.names import QUEUE_AUDIT, REDIS_API_KEYS, REDIS_AUDIT_OUTBOX_INDEX, REDIS_MODELS
 from shared.schemas import QueryBatch
 from tests.conftest import DeployedTestModel, RunningStack
 
@@ -112,3 +113,31 @@ def test_detector_states_are_stored_without_compression(running_stack: RunningSt
             )
         ).scalar_one()
     assert storage == "e"
+
+
+def test_outbox_resends_only_overdue_entries_and_only_with_an_empty_queue(
+    running_stack: RunningStack,
+) -> None:
+    # A database of its own on the stack's Redis (the workers use database 0).
+    client = redis.Redis.from_url((running_stack.stack.redis_url or "").rsplit("/", 1)[0] + "/15")
+    try:
+        client.flushdb()
+        audit_outbox.put(client, "old", {"batches": [], "outbox_id": "old"})
+        audit_outbox.put(client, "new", {"batches": [], "outbox_id": "new"})
+        client.zadd(REDIS_AUDIT_OUTBOX_INDEX, {"old": 1000.0, "new": 1095.0})
+        assert audit_outbox.pending(client) == 2
+        client.lpush(QUEUE_AUDIT, b"a message still waiting")
+        assert audit_outbox.overdue(client, resend_after=60, now=1100.0) == []  # the queue is not empty
+        client.delete(QUEUE_AUDIT)
+        assert audit_outbox.overdue(client, resend_after=60, now=1100.0) == [
+            ("old", {"batches": [], "outbox_id": "old"})
+        ]
+        # Its clock restarts: not re-sent again before another `resend_after` seconds.
+        assert audit_outbox.overdue(client, resend_after=60, now=1130.0) == []
+        audit_outbox.remove(client, "old")
+        audit_outbox.remove(client, "new")
+        assert audit_outbox.pending(client) == 0
+        assert audit_outbox.overdue(client, resend_after=60, now=5000.0) == []
+    finally:
+        client.flushdb()
+        client.close()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import redis
 
+from shared import audit_outbox
 from shared.names import QUEUE_AUDIT, REDIS_SCORING_PENDING_PREFIX, TASK_RECORD_QUERIES
 from tests.conftest import (
     TEST_PREDICT_TIMEOUT,
@@ -82,6 +83,35 @@ def test_killed_audit_worker_loses_and_doubles_nothing(
     stored = _stored_ids(running_stack, client_id)
     assert len(stored) == 300
     assert len(set(stored)) == 300
+
+
+def test_a_message_lost_from_the_queue_is_resent_from_the_outbox(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    """The broker loses a message (as kombu's Redis transport does when a worker dies between taking
+    it off the queue and recording it as unacknowledged): the outbox sends it again."""
+    stack = running_stack.stack
+    broker = redis.Redis.from_url(stack.redis_url or "")
+    stack.kill_service("audit-worker", signal.SIGKILL)
+    try:
+        client_id, answered = _answered_rows(running_stack, small_model, requests=10, rows=3)
+        assert answered == 30
+        assert _audit_backlog(running_stack) == 10
+        assert audit_outbox.pending(broker) >= 10  # a copy of each, until its rows are committed
+        lost = broker.rpop(QUEUE_AUDIT)  # the oldest message, gone from the queue for good
+        assert lost is not None
+        assert json.loads(lost)["headers"]["task"] == TASK_RECORD_QUERIES
+    finally:
+        stack.restart_service("audit-worker")
+    stored = wait_until(
+        lambda: (ids := _stored_ids(running_stack, client_id)) and len(ids) >= 30 and ids,
+        timeout=60,
+        message="the 3 rows of the lost message re-sent from the outbox and stored",
+        interval=0.5,
+    )
+    assert len(set(stored)) == len(stored) == 30
+    wait_until(lambda: audit_outbox.pending(broker) == 0, 30, "the outbox emptied once all is stored")
+    broker.close()
 
 
 def test_postgres_restart_delays_but_loses_no_record(
