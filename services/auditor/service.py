@@ -211,13 +211,14 @@ def store_client_batches(session: Session, client_id: int, batches: list[QueryBa
     # By request id alone, which is unique (uq_query_records_request_id_row_index): with the client's id
     # in the condition too, PostgreSQL intersected that index with one over the client's whole history,
     # a cost that grew with every row the client had sent.
-    already = set(
-        session.execute(
+    already = {
+        (request_id, row_index)
+        for request_id, row_index in session.execute(
             select(QueryRecord.request_id, QueryRecord.row_index).where(
                 QueryRecord.request_id.in_([batch.request_id for batch in batches])
             )
-        ).tuples()
-    )
+        )
+    }
     rows = [
         row
         for batch in batches
