@@ -32,12 +32,14 @@ def put(client: redis.Redis, outbox_id: str, payload: dict[str, Any]) -> None:
         pipe.execute()
 
 
-def remove(client: redis.Redis, outbox_id: str) -> None:
-    """Forget a message whose rows are committed."""
-    with client.pipeline(transaction=True) as pipe:
-        pipe.hdel(REDIS_AUDIT_OUTBOX, outbox_id)
-        pipe.zrem(REDIS_AUDIT_OUTBOX_INDEX, outbox_id)
-        pipe.execute()
+def remove(commands: redis.Redis, outbox_id: str) -> None:
+    """Forget a message whose rows are committed.
+
+    `commands` is a client, or a pipeline (a transaction) that carries other commands in the same
+    round trip; the caller executes a pipeline.
+    """
+    commands.hdel(REDIS_AUDIT_OUTBOX, outbox_id)
+    commands.zrem(REDIS_AUDIT_OUTBOX_INDEX, outbox_id)
 
 
 def pending(client: redis.Redis) -> int:

@@ -119,12 +119,17 @@ def record_queries(**payload: Any) -> int:
     batches = [QueryBatch.model_validate(raw) for raw in raw_batches]
     with session_scope(_database_url()) as session:
         stored = service.store_query_batches(session, batches)
-    if "outbox_id" in payload:
-        try:
-            audit_outbox.remove(registry_client(), str(payload["outbox_id"]))
-        except redis.RedisError as exc:  # the entry is re-sent later and then stores nothing twice
-            logger.warning("could not clear the audit outbox entry", extra={"error": str(exc)})
-    report_audit_lag(batches)
+    # After the commit, in one Redis round trip: clear the outbox entry and report the lag. Best effort:
+    # the rows are committed, and a Redis hiccup must not fail or repeat the task (an entry left in the
+    # outbox is re-sent later and then stores nothing twice).
+    try:
+        with registry_client().pipeline(transaction=True) as pipe:
+            if "outbox_id" in payload:
+                audit_outbox.remove(pipe, str(payload["outbox_id"]))
+            report_audit_lag(pipe, batches)
+            pipe.execute()
+    except redis.RedisError as exc:
+        logger.warning("could not clear the audit outbox entry or report the lag", extra={"error": str(exc)})
     every = settings.suspicion_every
     for client_id, result in stored.items():
         if result.inserted and result.length_before // every != result.length_after // every:
@@ -136,21 +141,15 @@ def record_queries(**payload: Any) -> int:
 AUDIT_LAG_TTL_SECONDS = 60
 
 
-def report_audit_lag(batches: list[QueryBatch]) -> None:
-    """Tell the gateways how far behind this worker stores answers (their admission control reads it).
+def report_audit_lag(pipe: redis.client.Pipeline, batches: list[QueryBatch]) -> None:
+    """Queue on `pipe` this worker's lag, for the gateways' admission control.
 
-    Best effort: the rows are already committed, and a Redis hiccup must not fail or repeat the task.
     Each worker process writes its own field; a gateway takes the largest recent one.
     """
     lag = (datetime.now(UTC) - min(batch.answered_at for batch in batches)).total_seconds()
     field = f"{socket.gethostname()}:{os.getpid()}"
-    try:
-        with registry_client().pipeline(transaction=False) as pipe:
-            pipe.hset(REDIS_AUDIT_LAG, field, f"{max(lag, 0.0):.3f} {time.time():.3f}")
-            pipe.expire(REDIS_AUDIT_LAG, AUDIT_LAG_TTL_SECONDS)
-            pipe.execute()
-    except redis.RedisError as exc:
-        logger.warning("could not report the audit lag", extra={"error": str(exc)})
+    pipe.hset(REDIS_AUDIT_LAG, field, f"{max(lag, 0.0):.3f} {time.time():.3f}")
+    pipe.expire(REDIS_AUDIT_LAG, AUDIT_LAG_TTL_SECONDS)
 
 
 def claim_scoring(client: redis.Redis, client_id: int) -> bool:
