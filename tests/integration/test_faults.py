@@ -47,6 +47,19 @@ def _stored_ids(running_stack: RunningStack, client_id: int) -> list[tuple[str, 
         return [(record["request_id"], record["row_index"]) for record in operator.all_queries(client_id)]
 
 
+def _stored_once(
+    running_stack: RunningStack, client_id: int, rows: int, message: str, timeout: float = 60
+) -> None:
+    """Wait until the client's `rows` answered rows are stored; check that none is stored twice."""
+    stored = wait_until(
+        lambda: (ids := _stored_ids(running_stack, client_id)) and len(ids) >= rows and ids,
+        timeout=timeout,
+        message=message,
+        interval=0.5,
+    )
+    assert len(set(stored)) == len(stored) == rows
+
+
 def _audit_backlog(running_stack: RunningStack) -> int:
     """Query-record messages waiting on the audit queue (beat's periodic jobs share the queue)."""
     client = redis.Redis.from_url(running_stack.stack.redis_url or "")
@@ -72,12 +85,7 @@ def test_killed_audit_worker_loses_and_doubles_nothing(
     )
     stack.kill_service("audit-worker", signal.SIGKILL)
     stack.restart_service("audit-worker")
-    stored = wait_until(
-        lambda: (ids := _stored_ids(running_stack, client_id)) and len(ids) >= 300 and ids,
-        timeout=60,
-        message="all 300 answered rows stored after the worker was killed",
-        interval=0.5,
-    )
+    _stored_once(running_stack, client_id, 300, "all 300 answered rows stored after the worker was killed")
     # Wait two visibility timeouts: any redelivery of a message the killed worker held has happened.
     time.sleep(2 * TEST_VISIBILITY_TIMEOUT)
     stored = _stored_ids(running_stack, client_id)
@@ -98,18 +106,18 @@ def test_a_message_lost_from_the_queue_is_resent_from_the_outbox(
         assert answered == 30
         assert _audit_backlog(running_stack) == 10
         assert audit_outbox.pending(broker) >= 10  # a copy of each, until its rows are committed
-        lost = broker.rpop(QUEUE_AUDIT)  # the oldest message, gone from the queue for good
-        assert lost is not None
-        assert json.loads(lost)["headers"]["task"] == TASK_RECORD_QUERIES
+        # The oldest query-record message (beat's periodic tasks share the queue), gone for good.
+        lost = next(
+            message
+            for message in reversed(broker.lrange(QUEUE_AUDIT, 0, -1))
+            if json.loads(message)["headers"]["task"] == TASK_RECORD_QUERIES
+        )
+        assert broker.lrem(QUEUE_AUDIT, 1, lost) == 1
     finally:
         stack.restart_service("audit-worker")
-    stored = wait_until(
-        lambda: (ids := _stored_ids(running_stack, client_id)) and len(ids) >= 30 and ids,
-        timeout=60,
-        message="the 3 rows of the lost message re-sent from the outbox and stored",
-        interval=0.5,
+    _stored_once(
+        running_stack, client_id, 30, "the 3 rows of the lost message re-sent from the outbox and stored"
     )
-    assert len(set(stored)) == len(stored) == 30
     wait_until(lambda: audit_outbox.pending(broker) == 0, 30, "the outbox emptied once all is stored")
     broker.close()
 
@@ -131,13 +139,7 @@ def test_postgres_restart_delays_but_loses_no_record(
             answered += len(answer["predictions"])
     assert answered == 60
     postgres.start()
-    stored = wait_until(
-        lambda: (ids := _stored_ids(running_stack, client_id)) and len(ids) >= 60 and ids,
-        timeout=90,
-        message="the 60 rows answered while PostgreSQL was down",
-        interval=1.0,
-    )
-    assert len(set(stored)) == len(stored) == 60
+    _stored_once(running_stack, client_id, 60, "the 60 rows answered while PostgreSQL was down", timeout=90)
 
 
 def test_redis_restart_keeps_queued_audit_messages(
@@ -163,13 +165,7 @@ def test_redis_restart_keeps_queued_audit_messages(
         time.sleep(0.2)
     if scoring_worker.exited() is not None:
         stack.restart_service("scoring-worker")
-    stored = wait_until(
-        lambda: (ids := _stored_ids(running_stack, client_id)) and len(ids) >= 40 and ids,
-        timeout=60,
-        message="the 40 rows queued before Redis restarted",
-        interval=0.5,
-    )
-    assert len(set(stored)) == len(stored) == 40
+    _stored_once(running_stack, client_id, 40, "the 40 rows queued before Redis restarted")
     # The gateway and the inference worker reconnect by themselves.
     _, gateway, _ = running_stack.new_client("after-redis")
     with gateway:
