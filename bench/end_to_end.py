@@ -15,7 +15,7 @@ open loop at fixed rates) runs against the three servers in turn, repeated with 
 and the table shows medians; modelprint's figures also as ratios to the other two. After every
 modelprint run the benchmark waits until every row answered in that run is in PostgreSQL and prints
 the longest such wait ("audit drain"): the lag of the last answered row behind the gateway. Before
-every modelprint run it waits for the audit queue to be empty, so runs do not inherit a backlog.
+every modelprint run it waits for the audit outbox to be empty, so runs do not inherit a backlog.
 
 "CPU ms/req" is the CPU time (user + system) of the server's whole process tree during the run
 (for modelprint: gateway, workers, beat, operator API, Redis and PostgreSQL, including storing
@@ -60,9 +60,9 @@ from bench.loadgen import LoadResult, Target, closed_loop, open_loop, wrk_availa
 from modelprint.client import OperatorClient
 from modelprint.stack import Stack, StackOptions
 from modelprint.training import TrainedModel, save_model, save_reference_data, train_ecg_model
+from shared import audit_outbox
 from shared.config import Settings, load_secrets
 from shared.embedded import free_port, stop_process, wait_for_port
-from shared.names import QUEUE_AUDIT
 
 MODEL_NAME = "ecg-mlp"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def modelprint_server(
             return int(row[0]) if row else 0
 
         def audit_backlog() -> int:
-            return int(broker.llen(QUEUE_AUDIT))  # type: ignore[arg-type]
+            return audit_outbox.pending(broker)
 
         try:
             yield Server(
@@ -358,7 +358,7 @@ class Measurements:
 
 
 def settle(server: Server) -> int:
-    """Wait until the audit queue is empty and the stored row count stops moving; that count."""
+    """Wait until the audit outbox is empty and the stored row count stops moving; that count."""
     if server.audited_rows is None or server.audit_backlog is None:
         return 0
     deadline = time.monotonic() + AUDIT_DRAIN_LIMIT_S
@@ -426,7 +426,7 @@ def print_table(points: list[LoadPoint], servers: list[str], results: Measuremen
             if drains:
                 print(
                     f"{'':<24} {name}: every answered row in PostgreSQL within {max(drains):.2f} s of the "
-                    f"load's end (longest of {len(drains)}); audit queue at the end: "
+                    f"load's end (longest of {len(drains)}); audit outbox at the end: "
                     f"{max(results.backlogs[(point, name)])} messages"
                 )
     ours_names = [name for name in servers if name.startswith("modelprint")]

@@ -1,13 +1,33 @@
-"""The audit outbox: a copy in Redis of every audit message until its rows are committed.
+"""The audit outbox: every audit message waits in Redis until its rows are committed, and the auditor
+drains it several messages per transaction.
 
-Celery's Redis transport takes a message off its queue (BRPOP) and only then records it as
-unacknowledged; a worker killed between the two loses the message, and with it the rows of an
-answered request (the fault test that SIGKILLs the audit worker while it consumes hit this in about
-one run in ten). So the inference worker writes each audit message to this outbox, in one Redis
-transaction, before it enqueues it; the audit worker deletes the entry after the commit; and a beat
-task re-sends entries still there after `resend_after` seconds while the audit queue is empty (a
-message in the queue, or held by a live worker, is not lost; after an outage the queue drains first).
-Inserts are idempotent, so a re-sent message that was not lost after all stores nothing twice.
+Why an outbox. Celery's Redis transport takes a message off its queue (BRPOP) and only then records
+it as unacknowledged; a worker killed between the two loses the message, and with it the rows of an
+answered request (the fault test that SIGKILLs the audit worker hit this in about one run in ten).
+So the payload never travels in a Celery message: the inference worker writes it here, and the audit
+worker deletes it only after the commit.
+
+Why drained. Storing one job's message costs a transaction, a chain lock, a COPY and a WAL flush
+whatever its size; at 200 single-row requests/s almost every job holds one request, and the auditor
+could not keep up one message at a time. A drain claims every waiting message (up to a limit) and
+stores them in one transaction, so the busier the stack, the larger and cheaper each commit.
+
+The protocol, every step one atomic Redis call:
+
+- `put` (inference worker): the payload into a hash, its id into a sorted set scored by the time it
+  becomes claimable (now), and a "drain queued" flag set if absent. The caller enqueues a drain
+  task only when it set the flag, so a burst of jobs wakes the auditor once.
+- `claim` (drain task): clear the flag, then take up to `limit` claimable entries (oldest first) and
+  push their score `lease` seconds ahead: another drain, on this host or another, does not take them
+  while this one stores them, and takes them again if this one dies before `remove`. Clearing the
+  flag first means a `put` after the claim queues a new drain, and one before it is in the claim (or
+  in the next, the drain loops until a claim comes back empty).
+- `remove` (after the commit): forget the stored entries.
+
+A drain task lost from the queue leaves its flag set until it expires (`FLAG_TTL_SECONDS`); a beat
+task queues a drain whenever entries have been claimable for longer than that (`waiting`).
+Inserts are idempotent (by request id), so an entry stored twice (a drain killed after its commit,
+a lease that ran out under a slow commit) adds no row twice.
 """
 
 from __future__ import annotations
@@ -18,63 +38,110 @@ from typing import Any
 import msgpack
 import redis
 
-from shared.names import QUEUE_AUDIT, REDIS_AUDIT_OUTBOX, REDIS_AUDIT_OUTBOX_INDEX
+from shared.names import (
+    REDIS_AUDIT_DRAIN_QUEUED,
+    REDIS_AUDIT_OUTBOX,
+    REDIS_AUDIT_OUTBOX_INDEX,
+    REDIS_AUDIT_OUTBOX_REJECTED,
+)
 
-# Entries re-sent per beat run at most (the rest wait for the next run).
-RESEND_LIMIT = 1000
+# The "drain queued" flag expires after this long: a lost drain task delays storing by at most this
+# (the next `put` or the beat queues another).
+FLAG_TTL_SECONDS = 5
+
+# KEYS: outbox hash, index, flag. ARGV: now, limit, lease until.
+# Returns [id1, payload1, id2, payload2, ...]; index entries whose payload is gone are dropped.
+_CLAIM_SCRIPT = """
+redis.call('DEL', KEYS[3])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local found = {}
+for _, id in ipairs(ids) do
+    local payload = redis.call('HGET', KEYS[1], id)
+    if payload then
+        redis.call('ZADD', KEYS[2], ARGV[3], id)
+        found[#found + 1] = id
+        found[#found + 1] = payload
+    else
+        redis.call('ZREM', KEYS[2], id)
+    end
+end
+return found
+"""
 
 
-def put(client: redis.Redis, outbox_id: str, payload: dict[str, Any]) -> None:
-    """Keep the message (the audit task's keyword arguments) until `remove` (one transaction)."""
+def put(client: redis.Redis, outbox_id: str, payload: dict[str, Any], now: float | None = None) -> bool:
+    """Keep an audit message (a job's batches) until `remove`; True if the caller must queue a drain."""
     with client.pipeline(transaction=True) as pipe:
         pipe.hset(REDIS_AUDIT_OUTBOX, outbox_id, msgpack.packb(payload))
-        pipe.zadd(REDIS_AUDIT_OUTBOX_INDEX, {outbox_id: time.time()})
-        pipe.execute()
+        pipe.zadd(REDIS_AUDIT_OUTBOX_INDEX, {outbox_id: time.time() if now is None else now})
+        pipe.set(REDIS_AUDIT_DRAIN_QUEUED, 1, nx=True, ex=FLAG_TTL_SECONDS)
+        return bool(pipe.execute()[2])
 
 
-def remove(commands: redis.Redis, outbox_id: str) -> None:
-    """Forget a message whose rows are committed.
+def claim(
+    client: redis.Redis, limit: int, lease_seconds: float, now: float | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """Take up to `limit` claimable messages, oldest first, for `lease_seconds` (see the module doc).
+
+    Returns (outbox id, payload) pairs; an empty list when nothing waits.
+    """
+    now = time.time() if now is None else now
+    raw = client.eval(
+        _CLAIM_SCRIPT,
+        3,
+        REDIS_AUDIT_OUTBOX,
+        REDIS_AUDIT_OUTBOX_INDEX,
+        REDIS_AUDIT_DRAIN_QUEUED,
+        repr(now),
+        str(limit),
+        repr(now + lease_seconds),
+    )
+    return [(_text(raw[i]), msgpack.unpackb(raw[i + 1])) for i in range(0, len(raw), 2)]
+
+
+def release(client: redis.Redis, outbox_ids: list[str], now: float | None = None) -> None:
+    """Make claimed messages claimable again at once (their drain failed before the commit)."""
+    if outbox_ids:
+        now = time.time() if now is None else now
+        client.zadd(REDIS_AUDIT_OUTBOX_INDEX, dict.fromkeys(outbox_ids, now), xx=True)
+
+
+def remove(commands: redis.Redis, outbox_ids: list[str]) -> None:
+    """Forget messages whose rows are committed.
 
     `commands` is a client, or a pipeline (a transaction) that carries other commands in the same
     round trip; the caller executes a pipeline.
     """
-    commands.hdel(REDIS_AUDIT_OUTBOX, outbox_id)
-    commands.zrem(REDIS_AUDIT_OUTBOX_INDEX, outbox_id)
+    if outbox_ids:
+        commands.hdel(REDIS_AUDIT_OUTBOX, *outbox_ids)
+        commands.zrem(REDIS_AUDIT_OUTBOX_INDEX, *outbox_ids)
+
+
+def mark_drain_queued(client: redis.Redis) -> bool:
+    """Set the "drain queued" flag; True if it was not set (the caller then queues the drain)."""
+    return bool(client.set(REDIS_AUDIT_DRAIN_QUEUED, 1, nx=True, ex=FLAG_TTL_SECONDS))
+
+
+def reject(client: redis.Redis, outbox_id: str) -> None:
+    """Move a message that cannot be stored (it does not parse) out of the outbox, for an operator."""
+    payload = client.hget(REDIS_AUDIT_OUTBOX, outbox_id)
+    with client.pipeline(transaction=True) as pipe:
+        if payload is not None:
+            pipe.hset(REDIS_AUDIT_OUTBOX_REJECTED, outbox_id, payload)
+        remove(pipe, [outbox_id])
+        pipe.execute()
 
 
 def pending(client: redis.Redis) -> int:
-    """Messages not yet committed (in the queue, being stored, or lost)."""
+    """Messages not yet committed (waiting, or being stored)."""
     return int(client.zcard(REDIS_AUDIT_OUTBOX_INDEX))
 
 
-def overdue(
-    client: redis.Redis, resend_after: float, now: float | None = None
-) -> list[tuple[str, dict[str, Any]]]:
-    """Entries older than `resend_after` seconds, if the audit queue is empty; their clocks restart.
-
-    Returns (outbox id, payload) to send again. With messages waiting in the queue nothing is
-    overdue: the auditor is behind (or down), not missing anything, and re-sending would only
-    double the backlog.
-    """
-    if client.llen(QUEUE_AUDIT):
-        return []
+def waiting(client: redis.Redis, longer_than: float, now: float | None = None) -> int:
+    """Messages claimable for more than `longer_than` seconds: no drain has come for them."""
     now = time.time() if now is None else now
-    ids = [
-        raw.decode() if isinstance(raw, bytes) else str(raw)
-        for raw in client.zrangebyscore(
-            REDIS_AUDIT_OUTBOX_INDEX, 0, now - resend_after, start=0, num=RESEND_LIMIT
-        )
-    ]
-    if not ids:
-        return []
-    payloads = client.hmget(REDIS_AUDIT_OUTBOX, ids)
-    found: list[tuple[str, dict[str, Any]]] = []
-    with client.pipeline(transaction=False) as pipe:
-        for outbox_id, raw in zip(ids, payloads, strict=True):
-            if raw is None:  # removed meanwhile
-                pipe.zrem(REDIS_AUDIT_OUTBOX_INDEX, outbox_id)
-                continue
-            found.append((outbox_id, msgpack.unpackb(raw)))
-            pipe.zadd(REDIS_AUDIT_OUTBOX_INDEX, {outbox_id: now})
-        pipe.execute()
-    return found
+    return int(client.zcount(REDIS_AUDIT_OUTBOX_INDEX, "-inf", now - longer_than))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

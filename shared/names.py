@@ -14,7 +14,8 @@ TASK_RECORD_QUERIES: Final = "audit.record_queries"
 TASK_SYNC_REGISTRY: Final = "audit.sync_registry"
 TASK_DELIVER_WEBHOOK: Final = "audit.deliver_webhook"
 TASK_SCORE_CLIENT: Final = "audit.score_client"
-TASK_RESEND_AUDIT: Final = "audit.resend_outbox"
+TASK_DRAIN_AUDIT: Final = "audit.drain_outbox"
+TASK_WAKE_AUDIT: Final = "audit.wake_drain"
 TASK_SCORE_ALL: Final = "audit.score_all"
 TASK_RUN_SCAN: Final = "scans.run"
 TASK_DISPATCH_SCANS: Final = "scans.dispatch_due"
@@ -27,9 +28,12 @@ REDIS_REPLY_CHANNEL_PREFIX: Final = "modelprint:replies:"
 # How far behind the audit trail is: each audit worker process writes "<lag seconds> <unix time>" to
 # its own field after every commit (lag: from the oldest answer of the message to its commit).
 REDIS_AUDIT_LAG: Final = "modelprint:audit-lag"
-# The audit outbox (shared/audit_outbox.py): audit messages by id until their rows are committed, and
-# the time each was written or last re-sent.
+# The audit outbox (shared/audit_outbox.py): audit messages by id until their rows are committed; the
+# time from which each may be claimed by a drain; the flag set while a drain task is queued.
 REDIS_AUDIT_OUTBOX: Final = "modelprint:audit-outbox"
 REDIS_AUDIT_OUTBOX_INDEX: Final = "modelprint:audit-outbox-index"
+REDIS_AUDIT_DRAIN_QUEUED: Final = "modelprint:audit-drain-queued"
+# Outbox messages that could not be parsed, moved aside for an operator (an error is logged).
+REDIS_AUDIT_OUTBOX_REJECTED: Final = "modelprint:audit-outbox-rejected"
 # Set while a scoring of the client waits on the scoring queue (the auditor's own bookkeeping).
 REDIS_SCORING_PENDING_PREFIX: Final = "modelprint:scoring-pending:"

@@ -91,9 +91,11 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
         # Score every 50 new queries, and catch up on the rest every 5 s.
         "MODELPRINT_SUSPICION_EVERY": "50",
         "MODELPRINT_SUSPICION_BEAT_SECONDS": "5",
-        # Re-send audit messages lost between the broker's queue and a killed worker within seconds.
-        "MODELPRINT_AUDIT_OUTBOX_RESEND_SECONDS": "10",
+        # Audit messages a killed worker had claimed, or whose drain task was lost, are stored within seconds.
+        "MODELPRINT_AUDIT_OUTBOX_LEASE_SECONDS": "10",
         "MODELPRINT_AUDIT_OUTBOX_CHECK_SECONDS": "2",
+        # Smaller drains than the default 32, so that a burst of 40 spans several transactions.
+        "MODELPRINT_AUDIT_DRAIN_MESSAGES": "16",
         # Test webhooks and suspects are served on loopback, which the SSRF guard refuses unless allowed.
         "MODELPRINT_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
         "MODELPRINT_SCAN_ALLOWED_HOSTS": "127.0.0.1",

@@ -18,10 +18,12 @@ class AuditorSettings(Settings):
     scoring_concurrency: int = Field(default=1, ge=1)
     scoring_nice: int = Field(default=10, ge=0, le=19)
     audit_page_limit: int = Field(default=1000, ge=1)
-    # The audit outbox (shared/audit_outbox.py): an audit message not committed this long after it was
-    # written is sent again (checked on this beat interval, only while the audit queue is empty).
-    audit_outbox_resend_seconds: float = Field(default=120.0, ge=1)
-    audit_outbox_check_seconds: float = Field(default=30.0, gt=0)
+    # The audit outbox (shared/audit_outbox.py). A drain stores up to `audit_drain_messages` messages
+    # (jobs) per transaction; a message it claimed but did not commit within the lease (its worker
+    # died) is claimed again; the beat checks on this interval for messages no drain has come for.
+    audit_drain_messages: int = Field(default=32, ge=1, le=1000)
+    audit_outbox_lease_seconds: float = Field(default=30.0, ge=1)
+    audit_outbox_check_seconds: float = Field(default=5.0, gt=0)
     # Comma-separated hosts webhooks may reach although they resolve to private/loopback addresses.
     webhook_allowed_hosts: str = ""
     webhook_max_attempts: int = Field(default=8, ge=1)

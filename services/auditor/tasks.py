@@ -13,13 +13,14 @@ from typing import Any
 
 import redis
 from celery.signals import worker_init, worker_process_init
+from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from services.auditor import alerts, scans, service, suspicion
 from services.auditor.config import AuditorSettings
 from services.auditor.probe import ProbeLimits
 from shared import audit_outbox
-from shared.celery_app import FAST_SERIALIZER, create_celery_app
+from shared.celery_app import create_celery_app
 from shared.config import load_secrets
 from shared.db import Client, Suspect, session_factory, session_scope
 from shared.fingerprint import get_scheme
@@ -33,12 +34,13 @@ from shared.names import (
     REDIS_SCORING_PENDING_PREFIX,
     TASK_DELIVER_WEBHOOK,
     TASK_DISPATCH_SCANS,
+    TASK_DRAIN_AUDIT,
     TASK_RECORD_QUERIES,
-    TASK_RESEND_AUDIT,
     TASK_RUN_SCAN,
     TASK_SCORE_ALL,
     TASK_SCORE_CLIENT,
     TASK_SYNC_REGISTRY,
+    TASK_WAKE_AUDIT,
 )
 from shared.netguard import parse_host_list
 from shared.schemas import QueryBatch
@@ -59,8 +61,8 @@ app.conf.beat_schedule = {
         # On the scans queue: the audit queue carries query records and must not wait behind scans.
         "options": {"queue": QUEUE_SCANS, "expires": settings.scan_dispatch_seconds},
     },
-    "resend-audit-outbox": {
-        "task": TASK_RESEND_AUDIT,
+    "wake-audit-drain": {
+        "task": TASK_WAKE_AUDIT,
         "schedule": settings.audit_outbox_check_seconds,
         "options": {"queue": QUEUE_AUDIT, "expires": settings.audit_outbox_check_seconds},
     },
@@ -103,6 +105,70 @@ def _init_worker_process(**_: Any) -> None:
 
 
 @app.task(
+    name=TASK_DRAIN_AUDIT,
+    autoretry_for=(*TRANSIENT_DB_ERRORS, redis.ConnectionError, redis.TimeoutError),
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=None,
+)
+def drain_audit_outbox() -> int:
+    """Store the audit messages waiting in the outbox, several per transaction, until none waits.
+
+    Queued by the inference worker that found no drain queued (shared/audit_outbox.py). After
+    `DRAIN_BUDGET_SECONDS` it queues a successor and returns, so that the other tasks of the audit
+    queue (webhooks, the registry sync) get their turn during a long catch-up.
+    """
+    client = registry_client()
+    deadline = time.monotonic() + DRAIN_BUDGET_SECONDS
+    inserted = 0
+    while True:
+        entries = audit_outbox.claim(
+            client, settings.audit_drain_messages, settings.audit_outbox_lease_seconds
+        )
+        if not entries:
+            return inserted
+        inserted += store_outbox_entries(client, entries)
+        if time.monotonic() > deadline:
+            if audit_outbox.mark_drain_queued(client):
+                app.send_task(TASK_DRAIN_AUDIT, queue=QUEUE_AUDIT)
+            return inserted
+
+
+# A drain hands over to a fresh task after this long (see drain_audit_outbox).
+DRAIN_BUDGET_SECONDS = 5.0
+
+
+def store_outbox_entries(client: redis.Redis, entries: list[tuple[str, dict[str, Any]]]) -> int:
+    """Store claimed outbox messages in one transaction, then forget them; returns rows inserted.
+
+    A message that does not parse (written by an incompatible version) is moved aside, with an
+    error logged, instead of failing every transaction it is claimed into.
+    """
+    batches: list[QueryBatch] = []
+    outbox_ids: list[str] = []
+    for outbox_id, payload in entries:
+        try:
+            batches.extend(QueryBatch.model_validate(raw) for raw in payload["batches"])
+        except (KeyError, TypeError, ValidationError) as exc:
+            audit_outbox.reject(client, outbox_id)
+            logger.error(
+                "unreadable audit message moved aside", extra={"outbox_id": outbox_id, "error": str(exc)}
+            )
+            continue
+        outbox_ids.append(outbox_id)
+    if not batches:
+        audit_outbox.remove(client, outbox_ids)
+        return 0
+    try:
+        return commit_batches(batches, outbox_ids)
+    except Exception:
+        # Claimable again at once, for the retry, instead of after the lease.
+        with contextlib.suppress(redis.RedisError):
+            audit_outbox.release(client, outbox_ids)
+        raise
+
+
+@app.task(
     name=TASK_RECORD_QUERIES,
     autoretry_for=TRANSIENT_DB_ERRORS,
     retry_backoff=True,
@@ -110,26 +176,32 @@ def _init_worker_process(**_: Any) -> None:
     max_retries=None,
 )
 def record_queries(**payload: Any) -> int:
-    """Store the answered rows of a job's requests in one transaction; a redelivery inserts nothing twice.
+    """Store audit batches carried in the message itself (as versions before the drain sent them).
 
-    The payload is `{"batches": [QueryBatch, ...], "outbox_id": ...}`, or one QueryBatch (messages of
-    earlier versions); the outbox entry is cleared once the rows are committed.
+    The payload is `{"batches": [QueryBatch, ...], "outbox_id": ...}`, or one QueryBatch.
     """
     raw_batches = payload["batches"] if "batches" in payload else [payload]
     batches = [QueryBatch.model_validate(raw) for raw in raw_batches]
+    return commit_batches(batches, [str(payload["outbox_id"])] if "outbox_id" in payload else [])
+
+
+def commit_batches(batches: list[QueryBatch], outbox_ids: list[str]) -> int:
+    """Store batches in one transaction (a redelivery inserts nothing twice), then clear their outbox
+    entries, report the lag and queue scoring where due; returns the rows inserted."""
     with session_scope(_database_url()) as session:
         stored = service.store_query_batches(session, batches)
-    # After the commit, in one Redis round trip: clear the outbox entry and report the lag. Best effort:
-    # the rows are committed, and a Redis hiccup must not fail or repeat the task (an entry left in the
-    # outbox is re-sent later and then stores nothing twice).
+    # After the commit, in one Redis round trip: clear the outbox entries and report the lag. Best
+    # effort: the rows are committed, and a Redis hiccup must not fail or repeat the task (an entry
+    # left in the outbox is claimed again after its lease and then stores nothing twice).
     try:
         with registry_client().pipeline(transaction=True) as pipe:
-            if "outbox_id" in payload:
-                audit_outbox.remove(pipe, str(payload["outbox_id"]))
+            audit_outbox.remove(pipe, outbox_ids)
             report_audit_lag(pipe, batches)
             pipe.execute()
     except redis.RedisError as exc:
-        logger.warning("could not clear the audit outbox entry or report the lag", extra={"error": str(exc)})
+        logger.warning(
+            "could not clear the audit outbox entries or report the lag", extra={"error": str(exc)}
+        )
     every = settings.suspicion_every
     for client_id, result in stored.items():
         if result.inserted and result.length_before // every != result.length_after // every:
@@ -174,18 +246,20 @@ def queue_scoring(client_id: int) -> None:
         score_client_task.apply_async(args=[client_id], queue=QUEUE_SCORING, countdown=delay or None)
 
 
-@app.task(name=TASK_RESEND_AUDIT, autoretry_for=(redis.ConnectionError,), max_retries=3)
-def resend_audit_outbox() -> int:
-    """Beat: send again the audit messages not committed after `audit_outbox_resend_seconds`."""
-    overdue = audit_outbox.overdue(registry_client(), settings.audit_outbox_resend_seconds)
-    for _, payload in overdue:
-        app.send_task(TASK_RECORD_QUERIES, kwargs=payload, queue=QUEUE_AUDIT, serializer=FAST_SERIALIZER)
-    if overdue:
-        logger.warning(
-            "audit messages re-sent from the outbox",
-            extra={"messages": len(overdue), "after_seconds": settings.audit_outbox_resend_seconds},
-        )
-    return len(overdue)
+@app.task(name=TASK_WAKE_AUDIT, autoretry_for=(redis.ConnectionError,), max_retries=3)
+def wake_audit_drain() -> int:
+    """Beat: queue a drain for outbox messages that no drain has come for (a drain task lost from the
+    queue, or a worker that died holding a claim whose lease has run out)."""
+    client = registry_client()
+    waiting = audit_outbox.waiting(client, audit_outbox.FLAG_TTL_SECONDS)
+    if waiting:
+        # Expiring: during an audit worker outage these do not pile up (the beat sends more).
+        app.send_task(TASK_DRAIN_AUDIT, queue=QUEUE_AUDIT, expires=WAKE_EXPIRES_SECONDS)
+        logger.warning("audit messages waited for a drain; queued one", extra={"messages": waiting})
+    return waiting
+
+
+WAKE_EXPIRES_SECONDS = 60
 
 
 @app.task(name=TASK_SYNC_REGISTRY, autoretry_for=(*TRANSIENT_DB_ERRORS, redis.ConnectionError), max_retries=3)

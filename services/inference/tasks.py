@@ -13,12 +13,12 @@ from celery.signals import worker_init, worker_process_init
 from services.inference.config import InferenceSettings
 from services.inference.service import ModelCache, run_predict_job
 from shared import audit_outbox
-from shared.celery_app import FAST_SERIALIZER, create_celery_app
+from shared.celery_app import create_celery_app
 from shared.config import Secrets, load_secrets
 from shared.fingerprint import FingerprintScheme, get_scheme
 from shared.gc_tuning import tune_garbage_collector
 from shared.logs import configure_logging
-from shared.names import QUEUE_AUDIT, TASK_PREDICT, TASK_RECORD_QUERIES
+from shared.names import QUEUE_AUDIT, TASK_DRAIN_AUDIT, TASK_PREDICT
 from shared.schemas import PredictJob, PredictReplies, PredictReply
 
 logger = logging.getLogger(__name__)
@@ -83,9 +83,10 @@ def predict(**payload: Any) -> None:
         ]
         batches = []
     if batches:
-        # One audit message per job: the auditor stores its requests in one transaction. It goes to the
-        # outbox first (a copy kept until the rows are committed; see shared/audit_outbox.py).
-        audit = {"batches": [batch.model_dump(mode="json") for batch in batches], "outbox_id": job.job_id}
-        audit_outbox.put(state.redis, job.job_id, audit)
-        app.send_task(TASK_RECORD_QUERIES, kwargs=audit, queue=QUEUE_AUDIT, serializer=FAST_SERIALIZER)
+        # One audit message per job, kept in the outbox until its rows are committed; the auditor
+        # drains waiting messages several per transaction, woken by one task per burst
+        # (shared/audit_outbox.py). Before the reply: no answer goes out unrecorded.
+        audit = {"batches": [batch.model_dump(mode="json") for batch in batches]}
+        if audit_outbox.put(state.redis, job.job_id, audit):
+            app.send_task(TASK_DRAIN_AUDIT, queue=QUEUE_AUDIT)
     state.redis.publish(job.reply_to, PredictReplies(replies=replies).model_dump_json())

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import redis
@@ -13,7 +15,13 @@ from sqlalchemy import text
 from services.auditor import service
 from shared import audit_outbox
 from shared.db import session_scope
-from shared.names import QUEUE_AUDIT, REDIS_API_KEYS, REDIS_AUDIT_OUTBOX_INDEX, REDIS_MODELS
+from shared.names import (
+    REDIS_API_KEYS,
+    REDIS_AUDIT_DRAIN_QUEUED,
+    REDIS_AUDIT_OUTBOX_INDEX,
+    REDIS_AUDIT_OUTBOX_REJECTED,
+    REDIS_MODELS,
+)
 from shared.schemas import QueryBatch
 from tests.conftest import DeployedTestModel, RunningStack
 
@@ -115,29 +123,77 @@ def test_detector_states_are_stored_without_compression(running_stack: RunningSt
     assert storage == "e"
 
 
-def test_outbox_resends_only_overdue_entries_and_only_with_an_empty_queue(
-    running_stack: RunningStack,
-) -> None:
-    # A database of its own on the stack's Redis (the workers use database 0).
+@pytest.fixture
+def outbox_redis(running_stack: RunningStack) -> Iterator[redis.Redis]:
+    """A database of its own on the stack's Redis (the workers use database 0), emptied around the test."""
     client = redis.Redis.from_url((running_stack.stack.redis_url or "").rsplit("/", 1)[0] + "/15")
+    client.flushdb()
     try:
-        client.flushdb()
-        audit_outbox.put(client, "old", {"batches": [], "outbox_id": "old"})
-        audit_outbox.put(client, "new", {"batches": [], "outbox_id": "new"})
-        client.zadd(REDIS_AUDIT_OUTBOX_INDEX, {"old": 1000.0, "new": 1095.0})
-        assert audit_outbox.pending(client) == 2
-        client.lpush(QUEUE_AUDIT, b"a message still waiting")
-        assert audit_outbox.overdue(client, resend_after=60, now=1100.0) == []  # the queue is not empty
-        client.delete(QUEUE_AUDIT)
-        assert audit_outbox.overdue(client, resend_after=60, now=1100.0) == [
-            ("old", {"batches": [], "outbox_id": "old"})
-        ]
-        # Its clock restarts: not re-sent again before another `resend_after` seconds.
-        assert audit_outbox.overdue(client, resend_after=60, now=1130.0) == []
-        audit_outbox.remove(client, "old")
-        audit_outbox.remove(client, "new")
-        assert audit_outbox.pending(client) == 0
-        assert audit_outbox.overdue(client, resend_after=60, now=5000.0) == []
+        yield client
     finally:
         client.flushdb()
         client.close()
+
+
+def _message(name: str) -> dict[str, Any]:
+    return {"batches": [{"request_id": name}]}
+
+
+def test_outbox_claims_oldest_first_under_a_lease_and_asks_for_one_drain_per_burst(
+    outbox_redis: redis.Redis,
+) -> None:
+    client = outbox_redis
+    # The first put of a burst asks for a drain; the others find one queued.
+    assert audit_outbox.put(client, "a", _message("a"), now=1000.0)
+    assert not audit_outbox.put(client, "b", _message("b"), now=1001.0)
+    assert not audit_outbox.put(client, "c", _message("c"), now=1002.0)
+    assert audit_outbox.pending(client) == 3
+    assert audit_outbox.waiting(client, longer_than=5, now=1006.5) == 2  # a and b
+    # A claim takes the oldest, and clears the flag: the next put asks for a drain again.
+    assert audit_outbox.claim(client, limit=2, lease_seconds=30, now=1010.0) == [
+        ("a", _message("a")),
+        ("b", _message("b")),
+    ]
+    assert not client.exists(REDIS_AUDIT_DRAIN_QUEUED)
+    assert audit_outbox.put(client, "d", _message("d"), now=1011.0)
+    # Claimed entries are not claimed again (by this drain or another) during their lease ...
+    assert [i for i, _ in audit_outbox.claim(client, limit=10, lease_seconds=30, now=1012.0)] == ["c", "d"]
+    assert audit_outbox.claim(client, limit=10, lease_seconds=30, now=1020.0) == []
+    assert audit_outbox.waiting(client, longer_than=0, now=1020.0) == 0
+    # ... unless their drain gives them back (its transaction failed) ...
+    audit_outbox.release(client, ["c"], now=1021.0)
+    assert [i for i, _ in audit_outbox.claim(client, limit=10, lease_seconds=30, now=1022.0)] == ["c"]
+    # ... and committed ones are forgotten; the rest come back once their lease runs out.
+    audit_outbox.remove(client, ["a", "b"])
+    assert audit_outbox.pending(client) == 2
+    assert audit_outbox.claim(client, limit=10, lease_seconds=30, now=1041.0) == []
+    assert [i for i, _ in audit_outbox.claim(client, limit=10, lease_seconds=30, now=1060.0)] == ["d", "c"]
+    # An index entry without its message (removed meanwhile) is dropped, not returned.
+    client.zadd(REDIS_AUDIT_OUTBOX_INDEX, {"ghost": 1000.0})
+    assert {i for i, _ in audit_outbox.claim(client, limit=10, lease_seconds=30, now=2000.0)} == {"c", "d"}
+    assert audit_outbox.pending(client) == 2
+    # A message that cannot be stored is moved aside for an operator.
+    audit_outbox.reject(client, "c")
+    assert audit_outbox.pending(client) == 1
+    assert client.hkeys(REDIS_AUDIT_OUTBOX_REJECTED) == [b"c"]
+
+
+def test_concurrent_drains_claim_disjoint_messages(outbox_redis: redis.Redis) -> None:
+    client = outbox_redis
+    for index in range(400):
+        audit_outbox.put(client, f"m{index}", _message(str(index)), now=1000.0 + index)
+    claims: list[list[str]] = [[], [], [], []]
+
+    def drain(mine: list[str]) -> None:
+        own = redis.Redis(connection_pool=client.connection_pool)
+        while entries := audit_outbox.claim(own, limit=7, lease_seconds=60, now=2000.0):
+            mine.extend(outbox_id for outbox_id, _ in entries)
+
+    threads = [threading.Thread(target=drain, args=(mine,)) for mine in claims]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    every = [outbox_id for mine in claims for outbox_id in mine]
+    assert sorted(every) == sorted(f"m{index}" for index in range(400))  # each exactly once
+    assert sum(bool(mine) for mine in claims) >= 2  # they did run side by side

@@ -14,9 +14,11 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from sqlalchemy import text
 
 from shared import audit_outbox
-from shared.names import QUEUE_AUDIT, REDIS_SCORING_PENDING_PREFIX, TASK_RECORD_QUERIES
+from shared.db import session_scope
+from shared.names import QUEUE_AUDIT, REDIS_AUDIT_OUTBOX_INDEX, REDIS_SCORING_PENDING_PREFIX, TASK_DRAIN_AUDIT
 from tests.conftest import (
     TEST_PREDICT_TIMEOUT,
     TEST_VISIBILITY_TIMEOUT,
@@ -60,66 +62,90 @@ def _stored_once(
     assert len(set(stored)) == len(stored) == rows
 
 
-def _audit_backlog(running_stack: RunningStack) -> int:
-    """Query-record messages waiting on the audit queue (beat's periodic jobs share the queue)."""
-    client = redis.Redis.from_url(running_stack.stack.redis_url or "")
-    try:
-        messages = client.lrange(QUEUE_AUDIT, 0, -1)
-    finally:
-        client.close()
-    return sum(json.loads(message)["headers"]["task"] == TASK_RECORD_QUERIES for message in messages)
+def _drain_tasks(broker: redis.Redis) -> list[bytes]:
+    """Drain tasks waiting on the audit queue (beat's periodic jobs share the queue)."""
+    return [
+        message
+        for message in broker.lrange(QUEUE_AUDIT, 0, -1)
+        if json.loads(message)["headers"]["task"] == TASK_DRAIN_AUDIT
+    ]
+
+
+def _claimed(broker: redis.Redis) -> int:
+    """Outbox messages a drain holds (their claimable time pushed into the future)."""
+    return int(broker.zcount(REDIS_AUDIT_OUTBOX_INDEX, f"({time.time()}", "+inf"))
 
 
 def test_killed_audit_worker_loses_and_doubles_nothing(
     running_stack: RunningStack, small_model: DeployedTestModel
 ) -> None:
     stack = running_stack.stack
+    broker = redis.Redis.from_url(stack.redis_url or "")
     stack.kill_service("audit-worker", signal.SIGKILL)
     client_id, answered = _answered_rows(running_stack, small_model, requests=60, rows=5)
     assert answered == 300
-    assert _audit_backlog(running_stack) == 60  # every answered request waits durably in Redis
-    # Start a worker and kill it again while it is consuming, leaving messages unacknowledged.
+    assert audit_outbox.pending(broker) == 60  # every answered request waits durably in Redis
+    assert _drain_tasks(broker)  # and the auditor is asked to drain them
+    # Start a worker and kill it again while it stores: holding a claim, or after a first commit.
     stack.restart_service("audit-worker")
     wait_until(
-        lambda: _audit_backlog(running_stack) < 60, 30, "the new audit worker to start consuming", 0.01
+        lambda: _claimed(broker) or audit_outbox.pending(broker) < 60,
+        30,
+        "the new audit worker to start storing",
+        0.005,
     )
     stack.kill_service("audit-worker", signal.SIGKILL)
     stack.restart_service("audit-worker")
     _stored_once(running_stack, client_id, 300, "all 300 answered rows stored after the worker was killed")
-    # Wait two visibility timeouts: any redelivery of a message the killed worker held has happened.
+    wait_until(lambda: audit_outbox.pending(broker) == 0, 30, "the outbox emptied once all is stored")
+    # Wait two visibility timeouts: any redelivery of a task the killed worker held has happened.
     time.sleep(2 * TEST_VISIBILITY_TIMEOUT)
     stored = _stored_ids(running_stack, client_id)
     assert len(stored) == 300
     assert len(set(stored)) == 300
+    broker.close()
 
 
-def test_a_message_lost_from_the_queue_is_resent_from_the_outbox(
-    running_stack: RunningStack, small_model: DeployedTestModel
-) -> None:
-    """The broker loses a message (as kombu's Redis transport does when a worker dies between taking
-    it off the queue and recording it as unacknowledged): the outbox sends it again."""
+def test_lost_drain_tasks_are_replaced(running_stack: RunningStack, small_model: DeployedTestModel) -> None:
+    """The broker loses the drain tasks (as kombu's Redis transport does when a worker dies between
+    taking a message off the queue and recording it as unacknowledged): the rows, kept in the outbox,
+    are stored anyway once the "drain queued" flag expires (beat queues a drain)."""
     stack = running_stack.stack
     broker = redis.Redis.from_url(stack.redis_url or "")
     stack.kill_service("audit-worker", signal.SIGKILL)
     try:
         client_id, answered = _answered_rows(running_stack, small_model, requests=10, rows=3)
         assert answered == 30
-        assert _audit_backlog(running_stack) == 10
-        assert audit_outbox.pending(broker) >= 10  # a copy of each, until its rows are committed
-        # The oldest query-record message (beat's periodic tasks share the queue), gone for good.
-        lost = next(
-            message
-            for message in reversed(broker.lrange(QUEUE_AUDIT, 0, -1))
-            if json.loads(message)["headers"]["task"] == TASK_RECORD_QUERIES
-        )
-        assert broker.lrem(QUEUE_AUDIT, 1, lost) == 1
+        assert audit_outbox.pending(broker) >= 10  # each kept until its rows are committed
+        lost = _drain_tasks(broker)
+        assert lost
+        assert sum(broker.lrem(QUEUE_AUDIT, 1, message) for message in lost) == len(lost)
     finally:
         stack.restart_service("audit-worker")
-    _stored_once(
-        running_stack, client_id, 30, "the 3 rows of the lost message re-sent from the outbox and stored"
-    )
+    _stored_once(running_stack, client_id, 30, "the 30 rows stored although every drain task was lost")
     wait_until(lambda: audit_outbox.pending(broker) == 0, 30, "the outbox emptied once all is stored")
     broker.close()
+
+
+def test_a_burst_is_stored_several_jobs_per_transaction(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    """40 single-row requests waiting while the audit worker is down go in ceil(40 / 16) transactions
+    (the test stack drains 16 messages per transaction): PostgreSQL's xmin tells the transactions."""
+    stack = running_stack.stack
+    stack.kill_service("audit-worker", signal.SIGKILL)
+    try:
+        client_id, answered = _answered_rows(running_stack, small_model, requests=40, rows=1)
+        assert answered == 40
+    finally:
+        stack.restart_service("audit-worker")
+    _stored_once(running_stack, client_id, 40, "the burst stored")
+    with session_scope(stack.database_url or "") as session:
+        transactions = session.execute(
+            text("SELECT count(DISTINCT xmin::text) FROM query_records WHERE client_id = :c"),
+            {"c": client_id},
+        ).scalar_one()
+    assert transactions == 3
 
 
 def test_postgres_restart_delays_but_loses_no_record(
