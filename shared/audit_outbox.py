@@ -12,7 +12,8 @@ whatever its size; at 200 single-row requests/s almost every job holds one reque
 could not keep up one message at a time. A drain claims every waiting message (up to a limit) and
 stores them in one transaction, so the busier the stack, the larger and cheaper each commit.
 
-The protocol, every step one atomic Redis call:
+The protocol, each step atomic in Redis (a Lua script or a transaction), with times from Redis's own
+clock so that hosts whose clocks drift apart still agree on what is claimable:
 
 - `put` (inference worker): the payload into a hash, its id into a sorted set scored by the time it
   becomes claimable (now), and a "drain queued" flag set if absent. The caller enqueues a drain
@@ -32,11 +33,11 @@ a lease that ran out under a slow commit) adds no row twice.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgpack
 import redis
+from redis.commands.core import Script
 
 from shared.names import (
     REDIS_AUDIT_DRAIN_QUEUED,
@@ -49,16 +50,41 @@ from shared.names import (
 # (the next `put` or the beat queues another).
 FLAG_TTL_SECONDS = 5
 
-# KEYS: outbox hash, index, flag. ARGV: now, limit, lease until.
+# Redis's clock (TIME) unless the caller passes a non-negative `now` (tests).
+_NOW = """
+local now = tonumber(ARGV[1])
+if now < 0 then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
+# KEYS: outbox hash, index, flag. ARGV: now, id, payload, flag TTL. Returns 1 if it set the flag.
+_PUT_SCRIPT = (
+    _NOW
+    + """
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[2], now, ARGV[2])
+if redis.call('SET', KEYS[3], 1, 'NX', 'EX', tonumber(ARGV[4])) then
+    return 1
+end
+return 0
+"""
+)
+
+# KEYS: outbox hash, index, flag. ARGV: now, limit, lease seconds.
 # Returns [id1, payload1, id2, payload2, ...]; index entries whose payload is gone are dropped.
-_CLAIM_SCRIPT = """
+_CLAIM_SCRIPT = (
+    _NOW
+    + """
 redis.call('DEL', KEYS[3])
-local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local until_ = now + tonumber(ARGV[3])
 local found = {}
 for _, id in ipairs(ids) do
     local payload = redis.call('HGET', KEYS[1], id)
     if payload then
-        redis.call('ZADD', KEYS[2], ARGV[3], id)
+        redis.call('ZADD', KEYS[2], until_, id)
         found[#found + 1] = id
         found[#found + 1] = payload
     else
@@ -67,15 +93,42 @@ for _, id in ipairs(ids) do
 end
 return found
 """
+)
+
+# KEYS: index. ARGV: now, ids... Claimed entries become claimable now.
+_RELEASE_SCRIPT = (
+    _NOW
+    + """
+for i = 2, #ARGV do
+    redis.call('ZADD', KEYS[1], 'XX', now, ARGV[i])
+end
+return 0
+"""
+)
+
+# KEYS: index. ARGV: now, seconds. Entries claimable for longer than that.
+_WAITING_SCRIPT = _NOW + "return redis.call('ZCOUNT', KEYS[1], '-inf', now - tonumber(ARGV[2]))"
+
+_scripts: dict[str, Script] = {}
+
+
+def _run(client: redis.Redis, source: str, keys: list[str], args: list[Any]) -> Any:
+    """Run a script by its SHA (loaded on first use)."""
+    script = _scripts.get(source)
+    if script is None:
+        script = _scripts[source] = Script(None, source.encode())  # type: ignore[arg-type]
+    return script(keys=keys, args=args, client=client)
+
+
+def _time(now: float | None) -> str:
+    return "-1" if now is None else repr(now)
 
 
 def put(client: redis.Redis, outbox_id: str, payload: dict[str, Any], now: float | None = None) -> bool:
     """Keep an audit message (a job's batches) until `remove`; True if the caller must queue a drain."""
-    with client.pipeline(transaction=True) as pipe:
-        pipe.hset(REDIS_AUDIT_OUTBOX, outbox_id, msgpack.packb(payload))
-        pipe.zadd(REDIS_AUDIT_OUTBOX_INDEX, {outbox_id: time.time() if now is None else now})
-        pipe.set(REDIS_AUDIT_DRAIN_QUEUED, 1, nx=True, ex=FLAG_TTL_SECONDS)
-        return bool(pipe.execute()[2])
+    keys = [REDIS_AUDIT_OUTBOX, REDIS_AUDIT_OUTBOX_INDEX, REDIS_AUDIT_DRAIN_QUEUED]
+    args = [_time(now), outbox_id, msgpack.packb(payload), FLAG_TTL_SECONDS]
+    return bool(_run(client, _PUT_SCRIPT, keys, args))
 
 
 def claim(
@@ -85,25 +138,15 @@ def claim(
 
     Returns (outbox id, payload) pairs; an empty list when nothing waits.
     """
-    now = time.time() if now is None else now
-    raw = client.eval(
-        _CLAIM_SCRIPT,
-        3,
-        REDIS_AUDIT_OUTBOX,
-        REDIS_AUDIT_OUTBOX_INDEX,
-        REDIS_AUDIT_DRAIN_QUEUED,
-        repr(now),
-        str(limit),
-        repr(now + lease_seconds),
-    )
+    keys = [REDIS_AUDIT_OUTBOX, REDIS_AUDIT_OUTBOX_INDEX, REDIS_AUDIT_DRAIN_QUEUED]
+    raw = _run(client, _CLAIM_SCRIPT, keys, [_time(now), limit, repr(float(lease_seconds))])
     return [(_text(raw[i]), msgpack.unpackb(raw[i + 1])) for i in range(0, len(raw), 2)]
 
 
 def release(client: redis.Redis, outbox_ids: list[str], now: float | None = None) -> None:
     """Make claimed messages claimable again at once (their drain failed before the commit)."""
     if outbox_ids:
-        now = time.time() if now is None else now
-        client.zadd(REDIS_AUDIT_OUTBOX_INDEX, dict.fromkeys(outbox_ids, now), xx=True)
+        _run(client, _RELEASE_SCRIPT, [REDIS_AUDIT_OUTBOX_INDEX], [_time(now), *outbox_ids])
 
 
 def remove(commands: redis.Redis, outbox_ids: list[str]) -> None:
@@ -139,8 +182,9 @@ def pending(client: redis.Redis) -> int:
 
 def waiting(client: redis.Redis, longer_than: float, now: float | None = None) -> int:
     """Messages claimable for more than `longer_than` seconds: no drain has come for them."""
-    now = time.time() if now is None else now
-    return int(client.zcount(REDIS_AUDIT_OUTBOX_INDEX, "-inf", now - longer_than))
+    return int(
+        _run(client, _WAITING_SCRIPT, [REDIS_AUDIT_OUTBOX_INDEX], [_time(now), repr(float(longer_than))])
+    )
 
 
 def _text(value: bytes | str) -> str:

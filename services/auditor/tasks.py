@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from celery.signals import worker_init, worker_process_init
 from pydantic import ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 
 from services.auditor import alerts, scans, service, suspicion
 from services.auditor.config import AuditorSettings
@@ -75,6 +75,11 @@ app.conf.beat_schedule = {
     },
 }
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+# Errors that one audit message's content causes (PostgreSQL refusing a value or a constraint, a batch
+# not matching its client); any other error fails the drain, whose claims return after the lease.
+REFUSED_DATA_ERRORS = (DataError, IntegrityError, ValueError)
+# A drain hands over to a fresh task after this long (see drain_audit_outbox).
+DRAIN_BUDGET_SECONDS = 5.0
 SCORING_MARK_SECONDS = 60
 profiles = suspicion.ProfileCache()
 kits = scans.KitCache()
@@ -134,38 +139,53 @@ def drain_audit_outbox() -> int:
             return inserted
 
 
-# A drain hands over to a fresh task after this long (see drain_audit_outbox).
-DRAIN_BUDGET_SECONDS = 5.0
-
-
 def store_outbox_entries(client: redis.Redis, entries: list[tuple[str, dict[str, Any]]]) -> int:
     """Store claimed outbox messages in one transaction, then forget them; returns rows inserted.
 
-    A message that does not parse (written by an incompatible version) is moved aside, with an
-    error logged, instead of failing every transaction it is claimed into.
+    A message that does not parse (written by an incompatible version), or that PostgreSQL refuses
+    for a reason other than an outage, is moved aside with an error logged, instead of failing every
+    transaction it is claimed into; the other messages of its drain are stored.
     """
-    batches: list[QueryBatch] = []
-    outbox_ids: list[str] = []
+    messages: list[tuple[str, list[QueryBatch]]] = []
     for outbox_id, payload in entries:
         try:
-            batches.extend(QueryBatch.model_validate(raw) for raw in payload["batches"])
+            messages.append((outbox_id, [QueryBatch.model_validate(raw) for raw in payload["batches"]]))
         except (KeyError, TypeError, ValidationError) as exc:
-            audit_outbox.reject(client, outbox_id)
-            logger.error(
-                "unreadable audit message moved aside", extra={"outbox_id": outbox_id, "error": str(exc)}
-            )
-            continue
-        outbox_ids.append(outbox_id)
-    if not batches:
-        audit_outbox.remove(client, outbox_ids)
+            _reject(client, outbox_id, exc)
+    if not messages:
         return 0
+    outbox_ids = [outbox_id for outbox_id, _ in messages]
     try:
-        return commit_batches(batches, outbox_ids)
-    except Exception:
+        return commit_batches([batch for _, batches in messages for batch in batches], outbox_ids)
+    except TRANSIENT_DB_ERRORS:
         # Claimable again at once, for the retry, instead of after the lease.
         with contextlib.suppress(redis.RedisError):
             audit_outbox.release(client, outbox_ids)
         raise
+    except REFUSED_DATA_ERRORS as exc:
+        if len(messages) == 1:
+            _reject(client, outbox_ids[0], exc)
+            return 0
+        logger.warning("a drain's transaction was refused; storing its messages one by one")
+    inserted = 0
+    for index, (outbox_id, batches) in enumerate(messages):
+        try:
+            inserted += commit_batches(batches, [outbox_id])
+        except TRANSIENT_DB_ERRORS:
+            with contextlib.suppress(redis.RedisError):
+                audit_outbox.release(client, outbox_ids[index:])
+            raise
+        except REFUSED_DATA_ERRORS as exc:
+            _reject(client, outbox_id, exc)
+    return inserted
+
+
+def _reject(client: redis.Redis, outbox_id: str, error: Exception) -> None:
+    audit_outbox.reject(client, outbox_id)
+    logger.error(
+        "audit message that cannot be stored moved to the outbox's rejected hash",
+        extra={"outbox_id": outbox_id, "error": repr(error)},
+    )
 
 
 @app.task(

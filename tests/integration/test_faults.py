@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import signal
 import time
+import uuid
+from datetime import UTC, datetime
 
 import httpx
 import numpy as np
@@ -18,7 +20,14 @@ from sqlalchemy import text
 
 from shared import audit_outbox
 from shared.db import session_scope
-from shared.names import QUEUE_AUDIT, REDIS_AUDIT_OUTBOX_INDEX, REDIS_SCORING_PENDING_PREFIX, TASK_DRAIN_AUDIT
+from shared.names import (
+    QUEUE_AUDIT,
+    REDIS_AUDIT_OUTBOX,
+    REDIS_AUDIT_OUTBOX_INDEX,
+    REDIS_AUDIT_OUTBOX_REJECTED,
+    REDIS_SCORING_PENDING_PREFIX,
+    TASK_DRAIN_AUDIT,
+)
 from tests.conftest import (
     TEST_PREDICT_TIMEOUT,
     TEST_VISIBILITY_TIMEOUT,
@@ -73,7 +82,8 @@ def _drain_tasks(broker: redis.Redis) -> list[bytes]:
 
 def _claimed(broker: redis.Redis) -> int:
     """Outbox messages a drain holds (their claimable time pushed into the future)."""
-    return int(broker.zcount(REDIS_AUDIT_OUTBOX_INDEX, f"({time.time()}", "+inf"))
+    seconds, microseconds = broker.time()
+    return int(broker.zcount(REDIS_AUDIT_OUTBOX_INDEX, f"({seconds + microseconds / 1e6}", "+inf"))
 
 
 def test_killed_audit_worker_loses_and_doubles_nothing(
@@ -265,3 +275,51 @@ def test_stalled_scoring_worker_does_not_delay_storing(
             message="the client scored once the scoring worker is back",
         )
     assert {entry["queries_seen"] for entry in scored} == {answered}
+
+
+def test_audit_messages_that_cannot_be_stored_are_moved_aside_and_the_rest_stored(
+    running_stack: RunningStack,
+) -> None:
+    """One drain claims a good message, one that does not parse and one PostgreSQL refuses (its client
+    does not exist): the good rows are stored, the other two kept in the rejected hash, none lost."""
+    from services.auditor.tasks import app  # its module needs the stack's Redis URL at import
+
+    client_id, _, _ = running_stack.new_client("rejects")
+    broker = redis.Redis.from_url(running_stack.stack.redis_url or "")
+    names = {kind: f"{kind}-{uuid.uuid4().hex}" for kind in ("good", "unreadable", "refused")}
+    good = _query_batch(client_id, names["good"], rows=5)
+    refused = _query_batch(2_000_000_000, names["refused"], rows=2)  # no such client: a foreign-key violation
+    try:
+        audit_outbox.put(broker, names["good"], {"batches": [good]})
+        audit_outbox.put(broker, names["unreadable"], {"batches": [{"rows": "not a batch"}]})
+        audit_outbox.put(broker, names["refused"], {"batches": [refused]})
+        app.send_task(TASK_DRAIN_AUDIT, queue=QUEUE_AUDIT)
+        _stored_once(running_stack, client_id, 5, "the good message stored", timeout=30)
+        wait_until(
+            lambda: (
+                set(broker.hkeys(REDIS_AUDIT_OUTBOX_REJECTED))
+                >= {names["unreadable"].encode(), names["refused"].encode()}
+            ),
+            30,
+            "the two bad messages moved aside",
+        )
+        assert not any(broker.hexists(REDIS_AUDIT_OUTBOX, name) for name in names.values())
+    finally:
+        broker.hdel(REDIS_AUDIT_OUTBOX_REJECTED, names["unreadable"], names["refused"])
+        broker.close()
+
+
+def _query_batch(client_id: int, request_id: str, rows: int) -> dict[str, object]:
+    return {
+        "request_id": request_id,
+        "client_id": client_id,
+        "model": "small-mlp",
+        "version": 1,
+        "scheme": "hmac-second-class",
+        "key_id": "k1",
+        "answered_at": datetime.now(UTC).isoformat(),
+        "inputs": [[float(i)] * 6 for i in range(rows)],
+        "probabilities": [[0.2, 0.3, 0.5]] * rows,
+        "label_indices": [2] * rows,
+        "labels": ["mid"] * rows,
+    }
