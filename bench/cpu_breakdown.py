@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from bench.end_to_end import (
     request_bodies,
     stack_options,
 )
-from bench.loadgen import closed_loop
+from bench.loadgen import LoadResult, closed_loop
 from modelprint.training import save_model, save_reference_data, train_ecg_model
 
 ROLES = {
@@ -115,7 +116,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, default=80, help="rows per request")
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--connections", type=int, default=16, help="0: no load, the stack at rest")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--profile", default="", help="roles to profile with py-spy, comma-separated")
     parser.add_argument("--top", type=int, default=20, help="functions listed per profile")
@@ -178,7 +179,11 @@ def main() -> None:
                     spies.append((role, pid, output, spy))
             audited_before = server.audited_rows()
             before = cpu_by_process(processes)
-            result = closed_loop(target, args.connections, args.seconds)
+            if args.connections:
+                result = closed_loop(target, args.connections, args.seconds)
+            else:  # the stack at rest: what it costs with no request at all
+                time.sleep(args.seconds)
+                result = LoadResult(0, 0, args.seconds, math.nan, math.nan, math.nan)
             drain = wait_for_audit(server, audited_before, result.ok * args.rows)
             processes_after = stack_processes(server)
             after = cpu_by_process(processes_after)
@@ -189,6 +194,16 @@ def main() -> None:
             for pid, (role, seconds) in after.items():
                 per_role[role] += seconds - before.get(pid, (role, 0.0))[1]
             total = sum(per_role.values())
+            if not args.connections:
+                print(f"\n{name} at rest for {args.seconds:g} s: CPU by role")
+                print(f"{'role':<14} {'nice':>4} {'CPU s':>7} {'% of a core':>12}")
+                for role, seconds in sorted(per_role.items(), key=lambda item: -item[1]):
+                    print(
+                        f"{role:<14} {nice.get(role, 0):>4} {seconds:>7.2f} {seconds / args.seconds:>12.1%}"
+                    )
+                print(f"{'all':<14} {'':>4} {total:>7.2f} {total / args.seconds:>12.1%}")
+                print_profiles(spies, args.top)
+                return
             per_request, per_row = 1e3 / max(1, result.ok), 1e6 / max(1, result.ok * args.rows)
             print(
                 f"\n{name}: {args.rows}-row requests, wrk -c{args.connections} for {args.seconds:g} s: "
@@ -210,13 +225,18 @@ def main() -> None:
                 f"{'all':<14} {'':>4} {total:>7.2f} {'':>6} {total * 1e3 / max(1, result.ok):>15.2f} "
                 f"{total * 1e6 / max(1, result.ok * args.rows):>11.1f}"
             )
-            for role, pid, output, _ in spies:
-                if not output.exists():
-                    print(f"\n{role} (pid {pid}): no profile (idle, or py-spy lacks permission)")
-                    continue
-                print(f"\n{role} (pid {pid}): hottest functions by own time")
-                for share, frame in top_functions(output, args.top):
-                    print(f"  {share:>6.1%}  {frame}")
+            print_profiles(spies, args.top)
+
+
+def print_profiles(spies: list[tuple[str, int, Path, subprocess.Popen[bytes]]], top: int) -> None:
+    """Each py-spy profile's hottest functions by own time."""
+    for role, pid, output, _ in spies:
+        if not output.exists():
+            print(f"\n{role} (pid {pid}): no profile (idle, or py-spy lacks permission)")
+            continue
+        print(f"\n{role} (pid {pid}): hottest functions by own time")
+        for share, frame in top_functions(output, top):
+            print(f"  {share:>6.1%}  {frame}")
 
 
 if __name__ == "__main__":

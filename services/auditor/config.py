@@ -22,6 +22,9 @@ class AuditorSettings(Settings):
     # (jobs) per transaction; a message it claimed but did not commit within the lease (its worker
     # died) is claimed again; the beat checks on this interval for messages no drain has come for.
     audit_drain_messages: int = Field(default=32, ge=1, le=1000)
+    # A drain waits this long before its first claim, so that at moderate rates it stores the jobs of
+    # that interval in one transaction (and one drain task is queued per interval at most).
+    audit_drain_linger_ms: float = Field(default=50.0, ge=0, le=1000)
     audit_outbox_lease_seconds: float = Field(default=30.0, ge=1)
     audit_outbox_check_seconds: float = Field(default=5.0, gt=0)
     # Comma-separated hosts webhooks may reach although they resolve to private/loopback addresses.

@@ -119,13 +119,17 @@ def _init_worker_process(**_: Any) -> None:
 def drain_audit_outbox() -> int:
     """Store the audit messages waiting in the outbox, several per transaction, until none waits.
 
-    Queued by the inference worker that found no drain queued (shared/audit_outbox.py). After
-    `DRAIN_BUDGET_SECONDS` it queues a successor and returns, so that the other tasks of the audit
+    Queued by the inference worker that found no drain queued (shared/audit_outbox.py); it first
+    lingers `audit_drain_linger_ms` for more jobs to join. After `DRAIN_BUDGET_SECONDS` it queues a
+    successor and returns, so that the other tasks of the audit
     queue (webhooks, the registry sync) get their turn during a long catch-up.
     """
     client = registry_client()
     deadline = time.monotonic() + DRAIN_BUDGET_SECONDS
     inserted = 0
+    if settings.audit_drain_linger_ms:
+        # Jobs answered meanwhile join this drain (the flag stays set, so they queue no other).
+        time.sleep(settings.audit_drain_linger_ms / 1000)
     while True:
         entries = audit_outbox.claim(
             client, settings.audit_drain_messages, settings.audit_outbox_lease_seconds

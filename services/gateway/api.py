@@ -98,6 +98,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         settings.max_inference_backlog,
         window=settings.micro_batch_window_ms / 1000,
         max_job_rows=settings.micro_batch_max_rows,
+        eager_jobs=settings.micro_batch_eager_jobs,
         admission=service.AdmissionControl(settings.audit_lag_target_seconds)
         if settings.audit_lag_target_seconds > 0
         else None,

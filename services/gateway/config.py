@@ -14,6 +14,10 @@ class GatewaySettings(Settings):
     # Requests arriving within this window of each other go to the inference queue as one job.
     micro_batch_window_ms: float = Field(default=2.0, ge=0, le=100)
     micro_batch_max_rows: int = Field(default=1024, ge=1)
+    # A request that finds fewer than this many of the gateway's jobs awaiting replies is sent at once,
+    # without waiting for the window. 0 (default): every job waits for its window. 1 lowers latency
+    # under light load but makes more, smaller jobs under a closed-loop load (README, Benchmarks).
+    micro_batch_eager_jobs: int = Field(default=0, ge=0)
     # Admission control: when the audit workers report a lag (answer to commit) above this, the gateway
     # limits the rows in flight until they catch up; 0 turns it off.
     audit_lag_target_seconds: float = Field(default=2.0, ge=0)

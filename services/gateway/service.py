@@ -374,6 +374,7 @@ class _OpenJob:
     model: DeployedModel
     requests: list[dict[str, Any]] = field(default_factory=list)
     rows: int = 0
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class Dispatcher:
@@ -381,7 +382,9 @@ class Dispatcher:
 
     A request joins the open job of its model version; the job is sent `window` seconds after its
     first request arrived, or at once when it holds `max_job_rows` rows. Under load many requests
-    share one task, one audit message and one reply; a lone request waits at most `window`.
+    share one task, one audit message and one reply. A request that finds fewer than `eager_jobs`
+    of this gateway's jobs awaiting their replies (the workers have room) is sent at once instead:
+    lone requests do not wait for the window, and the window only batches while jobs are in flight.
     """
 
     def __init__(
@@ -393,6 +396,7 @@ class Dispatcher:
         window: float = 0.0,
         max_job_rows: int = 1024,
         admission: AdmissionControl | None = None,
+        eager_jobs: int = 0,
     ) -> None:
         self.celery = celery
         self.admission = admission
@@ -401,10 +405,14 @@ class Dispatcher:
         self.max_backlog = max_backlog
         self.window = window
         self.max_job_rows = max_job_rows
+        self.eager_jobs = eager_jobs
         self.channel = REDIS_REPLY_CHANNEL_PREFIX + uuid.uuid4().hex
         self.jobs_sent = 0
         self._pending: dict[str, asyncio.Future[PredictReply]] = {}
         self._open_jobs: dict[tuple[str, int], _OpenJob] = {}
+        # Sent jobs whose requests still await a reply (by job id: how many), and each request's job.
+        self._in_flight: dict[str, int] = {}
+        self._job_of: dict[str, str] = {}
         self._sending: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
         self._lag_watcher: asyncio.Task[None] | None = None
@@ -527,6 +535,7 @@ class Dispatcher:
                 ) from exc
         finally:
             self._pending.pop(request_id, None)
+            self._settle(request_id)
         if not reply.ok:
             raise ApiError(reply.status, reply.error or "inference failed")
         return reply
@@ -539,16 +548,40 @@ class Dispatcher:
             job = None
         if job is None:
             job = self._open_jobs[key] = _OpenJob(model)
+            if len(self._in_flight) < self.eager_jobs:
+                job.requests.append(request)
+                job.rows += rows
+                self._send_job(key, job)
+                return
             asyncio.get_running_loop().call_later(self.window, self._send_job, key, job)
         job.requests.append(request)
         job.rows += rows
         if job.rows >= self.max_job_rows:
             self._send_job(key, job)
 
+    @property
+    def jobs_in_flight(self) -> int:
+        """Sent jobs with a request still awaiting its reply."""
+        return len(self._in_flight)
+
+    def _settle(self, request_id: str) -> None:
+        """A request is answered, failed or timed out: its job is in flight until all of them are."""
+        job_id = self._job_of.pop(request_id, None)
+        if job_id is None:
+            return
+        left = self._in_flight[job_id] - 1
+        if left:
+            self._in_flight[job_id] = left
+        else:
+            del self._in_flight[job_id]
+
     def _send_job(self, key: tuple[str, int], job: _OpenJob) -> None:
         if self._open_jobs.get(key) is not job:
             return  # already sent (full before its window ended)
         del self._open_jobs[key]
+        self._in_flight[job.job_id] = len(job.requests)
+        for request in job.requests:
+            self._job_of[request["request_id"]] = job.job_id
         task = asyncio.create_task(self._send(job))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
@@ -560,7 +593,7 @@ class Dispatcher:
                 future.set_exception(error)
 
     async def _send(self, job: _OpenJob) -> None:
-        job_id = uuid.uuid4().hex
+        job_id = job.job_id
         payload = {
             "job_id": job_id,
             "reply_to": self.channel,

@@ -32,18 +32,27 @@ async def _dispatch(
     requests: list[tuple[int, np.ndarray]],
     window: float,
     max_job_rows: int = 1024,
+    eager_jobs: int = 0,
 ) -> tuple[list[PredictReply | BaseException], int]:
     """Send the requests concurrently through a Dispatcher; (replies or errors, jobs sent)."""
     settings = GatewaySettings(redis_url=running_stack.stack.redis_url)
     redis_client = aioredis.Redis.from_url(settings.require_redis_url())
     celery = create_celery_app(settings, main="test-micro-batching")
     dispatcher = Dispatcher(
-        celery, redis_client, timeout=30, max_backlog=5000, window=window, max_job_rows=max_job_rows
+        celery,
+        redis_client,
+        timeout=30,
+        max_backlog=5000,
+        window=window,
+        max_job_rows=max_job_rows,
+        eager_jobs=eager_jobs,
     )
     await dispatcher.start()
     try:
         model = await deployed_model(redis_client, model_name)
-        return await _predict_all(dispatcher, model, requests), dispatcher.jobs_sent
+        replies = await _predict_all(dispatcher, model, requests)
+        assert dispatcher.jobs_in_flight == 0  # every request settled its job's bookkeeping
+        return replies, dispatcher.jobs_sent
     finally:
         await dispatcher.stop()
         await redis_client.aclose()
@@ -105,6 +114,29 @@ def test_coalesced_requests_get_their_own_answers_and_audit_rows(
             assert {record["request_id"] for record in records} <= set(answered)
             for record in records:
                 assert record["probabilities"] == answered[record["request_id"]][record["row_index"]]
+
+
+def test_with_no_job_in_flight_a_request_leaves_at_once_and_the_window_batches_the_rest(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    client_id, _, _ = running_stack.new_client("eager")
+    # Alone, with a 2 s window: answered long before the window would have let it go.
+    began = time.monotonic()
+    replies, jobs = asyncio.run(
+        _dispatch(running_stack, small_model.name, [(client_id, small_model.X[:1])], window=2.0, eager_jobs=1)
+    )
+    assert time.monotonic() - began < 2.0
+    assert jobs == 1
+    assert isinstance(replies[0], PredictReply)
+    # Six at once: the first finds nothing in flight and leaves alone; the other five wait for the
+    # window together (one job in flight) and leave as one job.
+    requests = [(client_id, small_model.X[index : index + 2]) for index in range(6)]
+    replies, jobs = asyncio.run(
+        _dispatch(running_stack, small_model.name, requests, window=0.3, eager_jobs=1)
+    )
+    assert jobs == 2
+    assert all(isinstance(reply, PredictReply) and reply.ok for reply in replies)
+    wait_until(lambda: running_stack.query_count(client_id) == 13, 30, "the 13 rows stored", interval=0.5)
 
 
 def test_a_bad_request_in_a_job_fails_alone(
