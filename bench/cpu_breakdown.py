@@ -172,6 +172,7 @@ def main() -> None:
                             "--rate",
                             "200",
                             "--nonblocking",
+                            "--gil",  # only samples holding the GIL: CPU, not waits on sockets
                         ],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,

@@ -37,6 +37,7 @@ Needs `wrk` (`apt-get install -y wrk`) and, for the MLServer column, `make bench
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import subprocess
@@ -421,6 +422,13 @@ def print_table(points: list[LoadPoint], servers: list[str], results: Measuremen
                 f"{_median([r.p99_ms for r in runs]):>8.1f} {sum(r.errors for r in runs):>7} "
                 f"{min(rates):>7.0f}-{max(rates):<7.0f} {_median(results.cpu_ms[(point, name)]):>10.2f}"
             )
+        for name in servers:
+            kinds: collections.Counter[str] = collections.Counter()
+            for run in results.runs.get((point, name), []):
+                kinds.update(run.error_kinds)
+            if kinds:
+                listed = ", ".join(f"{count} x {kind}" for kind, count in kinds.most_common())
+                print(f"{'':<24} {name}: errors were {listed}")
         for name in servers:
             drains = results.drains.get((point, name))
             if drains:

@@ -15,13 +15,14 @@ millisecond.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # wrk's `done` hook prints this as one JSON line on stderr; latencies in microseconds.
@@ -64,6 +65,8 @@ class LoadResult:
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    # What the errors were: an HTTP status ("503") or a failure ("timeout", "connect", ...), counted.
+    error_kinds: dict[str, int] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -124,7 +127,10 @@ def closed_loop(target: Target, connections: int, seconds: float, timeout_s: flo
             check=True,
         )
     summary = json.loads(completed.stderr.strip().splitlines()[-1])
-    errors = sum(summary[key] for key in ("status", "connect", "read", "write", "timeout"))
+    kinds = {"non-2xx": summary["status"]} | {
+        key: summary[key] for key in ("connect", "read", "write", "timeout")
+    }
+    errors = sum(kinds.values())
     return LoadResult(
         ok=summary["requests"] - summary["status"],
         errors=errors,
@@ -132,6 +138,7 @@ def closed_loop(target: Target, connections: int, seconds: float, timeout_s: flo
         p50_ms=summary["p50"] / 1e3,
         p95_ms=summary["p95"] / 1e3,
         p99_ms=summary["p99"] / 1e3,
+        error_kinds={kind: count for kind, count in kinds.items() if count},
     )
 
 
@@ -169,21 +176,28 @@ async def _open_loop(target: Target, rate: float, seconds: float, timeout_s: flo
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     latencies: list[float] = []
     errors = 0
+    kinds: collections.Counter[str] = collections.Counter()
     total = int(rate * seconds)
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.05
 
     async def one(index: int, due: float) -> None:
         nonlocal errors
-        connection = idle.pop() if idle else None
+        connection = None
+        while idle and connection is None:
+            connection = idle.pop()
+            if connection[0].at_eof():  # the server closed it while idle (keep-alive timeout)
+                connection[1].close()
+                connection = None
         try:
             if connection is None:
                 connection = await asyncio.open_connection(target.host, target.port)
             reader, writer = connection
             writer.write(payloads[index % len(payloads)])
             status = await asyncio.wait_for(_read_response(reader), timeout=timeout_s)
-        except (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
             errors += 1
+            kinds["timeout" if isinstance(exc, TimeoutError) else type(exc).__name__] += 1
             if connection is not None:
                 connection[1].close()
             return
@@ -192,6 +206,7 @@ async def _open_loop(target: Target, rate: float, seconds: float, timeout_s: flo
             idle.append(connection)
         else:
             errors += 1
+            kinds[str(status)] += 1
             idle.append(connection)
             latencies.pop()
 
@@ -207,7 +222,7 @@ async def _open_loop(target: Target, rate: float, seconds: float, timeout_s: flo
     for _, writer in idle:
         writer.close()
     if not latencies:
-        return LoadResult(0, errors, elapsed, float("nan"), float("nan"), float("nan"))
+        return LoadResult(0, errors, elapsed, float("nan"), float("nan"), float("nan"), dict(kinds))
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     return LoadResult(
         ok=len(latencies),
@@ -216,6 +231,7 @@ async def _open_loop(target: Target, rate: float, seconds: float, timeout_s: flo
         p50_ms=statistics.median(latencies) * 1e3,
         p95_ms=cuts[94] * 1e3,
         p99_ms=cuts[98] * 1e3,
+        error_kinds=dict(kinds),
     )
 
 
