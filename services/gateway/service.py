@@ -608,6 +608,10 @@ class Dispatcher:
             queue=QUEUE_INFERENCE,
             task_id=job_id,
             serializer=FAST_SERIALIZER,
+            # Celery would otherwise format a repr of the rows for the message headers on every job:
+            # CPU spent for nothing, and clients' inputs in whatever shows task arguments.
+            argsrepr="()",
+            kwargsrepr=f"{{job {job_id}: {len(job.requests)} requests, {job.rows} rows}}",
         )
         try:
             await self._check_backlog()
