@@ -140,42 +140,52 @@ def test_with_no_job_in_flight_a_request_leaves_at_once_and_the_window_batches_t
     wait_until(lambda: running_stack.query_count(client_id) == 13, 30, "the 13 rows stored", interval=0.5)
 
 
+async def _on_side_database(
+    running_stack: RunningStack,
+    model_name: str,
+    rows: np.ndarray,
+    waiting_jobs: list[bytes],
+    max_backlog: int,
+) -> tuple[BaseException, list[bytes]]:
+    """One request through a Dispatcher whose Redis client and Celery broker are database 15 of the
+    stack's Redis (no worker consumes it), its inference queue holding `waiting_jobs` first; the
+    request's error (503 if refused, 504 once its timeout passes) and what the queue then holds."""
+    main_url = GatewaySettings(redis_url=running_stack.stack.redis_url).require_redis_url()
+    side = GatewaySettings(redis_url=main_url.rsplit("/", 1)[0] + "/15")
+    main = aioredis.Redis.from_url(main_url)
+    side_redis = aioredis.Redis.from_url(side.require_redis_url())
+    await side_redis.delete(QUEUE_INFERENCE)
+    if waiting_jobs:
+        await side_redis.rpush(QUEUE_INFERENCE, *waiting_jobs)
+    celery = create_celery_app(side, main="test-side-database")
+    dispatcher = Dispatcher(celery, side_redis, timeout=0.5, max_backlog=max_backlog, window=0.01)
+    await dispatcher.start()
+    try:
+        model = await deployed_model(main, model_name)
+        with pytest.raises(ApiError) as failed:
+            await dispatcher.predict(ClientIdentity(client_id=1, name="side"), model, rows)
+        assert dispatcher.jobs_in_flight == 0
+        return failed.value, [bytes(job) for job in await side_redis.lrange(QUEUE_INFERENCE, 0, -1)]
+    finally:
+        await dispatcher.stop()
+        await side_redis.delete(QUEUE_INFERENCE)
+        await side_redis.aclose()
+        await main.aclose()
+        celery.close()
+
+
 def test_a_full_inference_queue_answers_503_with_retry_after(
     running_stack: RunningStack, small_model: DeployedTestModel
 ) -> None:
-    """The backlog check reads the queue's length through the gateway's Redis client; pointed at a
-    database of its own whose inference queue holds two jobs, a limit of two refuses the request."""
-    settings = GatewaySettings(redis_url=running_stack.stack.redis_url)
-    broker_url = settings.require_redis_url()
-    side_url = broker_url.rsplit("/", 1)[0] + "/15"
-
-    async def scenario() -> ApiError:
-        main = aioredis.Redis.from_url(broker_url)
-        side = aioredis.Redis.from_url(side_url)
-        await side.delete(QUEUE_INFERENCE)
-        await side.rpush(QUEUE_INFERENCE, b"waiting job", b"another")
-        celery = create_celery_app(settings, main="test-backlog")
-        dispatcher = Dispatcher(celery, side, timeout=10, max_backlog=2, window=0.01)
-        await dispatcher.start()
-        try:
-            model = await deployed_model(main, small_model.name)
-            with pytest.raises(ApiError) as refused:
-                await dispatcher.predict(
-                    ClientIdentity(client_id=1, name="backlog"), model, small_model.X[:1]
-                )
-            assert dispatcher.jobs_in_flight == 0
-            return refused.value
-        finally:
-            await dispatcher.stop()
-            await side.delete(QUEUE_INFERENCE)
-            await side.aclose()
-            await main.aclose()
-            celery.close()
-
-    error = asyncio.run(scenario())
+    waiting = [b"waiting job", b"another"]
+    error, queued = asyncio.run(
+        _on_side_database(running_stack, small_model.name, small_model.X[:1], waiting, max_backlog=2)
+    )
+    assert isinstance(error, ApiError)
     assert error.status_code == 503
     assert "inference queue is full (2 jobs waiting)" in error.message
     assert error.headers == {"Retry-After": "1"}
+    assert queued == waiting  # nothing enqueued
 
 
 def test_job_messages_summarise_their_arguments_without_the_rows(
@@ -183,33 +193,12 @@ def test_job_messages_summarise_their_arguments_without_the_rows(
 ) -> None:
     """Celery puts a repr of a task's arguments in its message headers (shown by `celery inspect`,
     events and monitors); the gateway gives a summary instead of the clients' rows."""
-    settings = GatewaySettings(redis_url=running_stack.stack.redis_url)
-    main_url = settings.require_redis_url()
-    side = GatewaySettings(redis_url=main_url.rsplit("/", 1)[0] + "/15")  # no worker consumes it
     rows = np.full((2, small_model.X.shape[1]), 0.123456789)
-
-    async def scenario() -> bytes:
-        main = aioredis.Redis.from_url(main_url)
-        side_redis = aioredis.Redis.from_url(side.require_redis_url())
-        await side_redis.delete(QUEUE_INFERENCE)
-        celery = create_celery_app(side, main="test-argsrepr")
-        dispatcher = Dispatcher(celery, side_redis, timeout=0.5, max_backlog=10, window=0.01)
-        await dispatcher.start()
-        try:
-            model = await deployed_model(main, small_model.name)
-            with pytest.raises(ApiError):  # no worker: 504 after the timeout
-                await dispatcher.predict(ClientIdentity(client_id=1, name="argsrepr"), model, rows)
-            queued = await side_redis.lrange(QUEUE_INFERENCE, 0, -1)
-            assert len(queued) == 1
-            return bytes(queued[0])
-        finally:
-            await dispatcher.stop()
-            await side_redis.delete(QUEUE_INFERENCE)
-            await side_redis.aclose()
-            await main.aclose()
-            celery.close()
-
-    headers = json.loads(asyncio.run(scenario()))["headers"]
+    error, queued = asyncio.run(_on_side_database(running_stack, small_model.name, rows, [], max_backlog=10))
+    assert isinstance(error, ApiError)
+    assert error.status_code == 504  # no worker
+    assert len(queued) == 1
+    headers = json.loads(queued[0])["headers"]
     assert headers["task"] == "inference.predict"
     assert headers["argsrepr"] == "()"
     assert headers["kwargsrepr"].endswith(": 1 requests, 2 rows}")
