@@ -80,6 +80,8 @@ TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
 REFUSED_DATA_ERRORS = (DataError, IntegrityError, ValueError)
 # A drain hands over to a fresh task after this long (see drain_audit_outbox).
 DRAIN_BUDGET_SECONDS = 5.0
+# Drain tasks the beat queues expire after this long, so they do not pile up while no worker runs.
+WAKE_EXPIRES_SECONDS = 60
 SCORING_MARK_SECONDS = 60
 profiles = suspicion.ProfileCache()
 kits = scans.KitCache()
@@ -121,8 +123,8 @@ def drain_audit_outbox() -> int:
 
     Queued by the inference worker that found no drain queued (shared/audit_outbox.py); it first
     lingers `audit_drain_linger_ms` for more jobs to join. After `DRAIN_BUDGET_SECONDS` it queues a
-    successor and returns, so that the other tasks of the audit
-    queue (webhooks, the registry sync) get their turn during a long catch-up.
+    successor and returns, so that the other tasks of the audit queue (webhooks, the registry sync)
+    get their turn during a long catch-up.
     """
     client = registry_client()
     deadline = time.monotonic() + DRAIN_BUDGET_SECONDS
@@ -162,9 +164,7 @@ def store_outbox_entries(client: redis.Redis, entries: list[tuple[str, dict[str,
     try:
         return commit_batches([batch for _, batches in messages for batch in batches], outbox_ids)
     except TRANSIENT_DB_ERRORS:
-        # Claimable again at once, for the retry, instead of after the lease.
-        with contextlib.suppress(redis.RedisError):
-            audit_outbox.release(client, outbox_ids)
+        _release_quietly(client, outbox_ids)
         raise
     except REFUSED_DATA_ERRORS as exc:
         if len(messages) == 1:
@@ -176,12 +176,17 @@ def store_outbox_entries(client: redis.Redis, entries: list[tuple[str, dict[str,
         try:
             inserted += commit_batches(batches, [outbox_id])
         except TRANSIENT_DB_ERRORS:
-            with contextlib.suppress(redis.RedisError):
-                audit_outbox.release(client, outbox_ids[index:])
+            _release_quietly(client, outbox_ids[index:])
             raise
         except REFUSED_DATA_ERRORS as exc:
             _reject(client, outbox_id, exc)
     return inserted
+
+
+def _release_quietly(client: redis.Redis, outbox_ids: list[str]) -> None:
+    """Make claimed messages claimable again at once, for the retry, instead of after the lease."""
+    with contextlib.suppress(redis.RedisError):
+        audit_outbox.release(client, outbox_ids)
 
 
 def _reject(client: redis.Redis, outbox_id: str, error: Exception) -> None:
@@ -281,9 +286,6 @@ def wake_audit_drain() -> int:
         app.send_task(TASK_DRAIN_AUDIT, queue=QUEUE_AUDIT, expires=WAKE_EXPIRES_SECONDS)
         logger.warning("audit messages waited for a drain; queued one", extra={"messages": waiting})
     return waiting
-
-
-WAKE_EXPIRES_SECONDS = 60
 
 
 @app.task(name=TASK_SYNC_REGISTRY, autoretry_for=(*TRANSIENT_DB_ERRORS, redis.ConnectionError), max_retries=3)

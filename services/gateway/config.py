@@ -19,5 +19,5 @@ class GatewaySettings(Settings):
     # under light load but makes more, smaller jobs under a closed-loop load (README, Benchmarks).
     micro_batch_eager_jobs: int = Field(default=0, ge=0)
     # Admission control: when the audit workers report a lag (answer to commit) above this, the gateway
-    # limits the rows in flight until they catch up; 0 turns it off.
+    # paces its intake (rows per second) until they catch up; 0 turns it off.
     audit_lag_target_seconds: float = Field(default=2.0, ge=0)

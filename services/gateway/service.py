@@ -546,17 +546,15 @@ class Dispatcher:
         if job is not None and job.rows + rows > self.max_job_rows:
             self._send_job(key, job)
             job = None
+        eager = False
         if job is None:
             job = self._open_jobs[key] = _OpenJob(model)
-            if len(self._in_flight) < self.eager_jobs:
-                job.requests.append(request)
-                job.rows += rows
-                self._send_job(key, job)
-                return
-            asyncio.get_running_loop().call_later(self.window, self._send_job, key, job)
+            eager = len(self._in_flight) < self.eager_jobs
+            if not eager:
+                asyncio.get_running_loop().call_later(self.window, self._send_job, key, job)
         job.requests.append(request)
         job.rows += rows
-        if job.rows >= self.max_job_rows:
+        if eager or job.rows >= self.max_job_rows:
             self._send_job(key, job)
 
     @property
