@@ -1,14 +1,70 @@
-"""Payloads that cross a queue or a channel between services (pydantic, JSON-serialisable)."""
+"""Payloads that cross a queue or a channel between services (pydantic models).
+
+Rows of numbers (a request's inputs, the probabilities answered) travel as packed float64 bytes in the
+msgpack messages of the prediction path: as lists, every value was a Python float built and checked at
+each hop (about 1 ms per hop for 80 rows of 80 features, encoding and decoding included); packed, a
+hop costs a copy. Dumped as JSON they are nested lists.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    SerializationInfo,
+    WithJsonSchema,
+)
 
 ClassLabel = str | int | float | bool
+
+
+def _rows_from_message(value: Any) -> np.ndarray:
+    """A 2-D float64 array from its packed form `{"shape": [rows, columns], "f8": bytes}` (little-endian,
+    row-major), from an array, or from nested lists (the form messages of earlier versions carry)."""
+    if isinstance(value, dict):
+        shape, data = value.get("shape"), value.get("f8")
+        if (
+            not isinstance(data, bytes)
+            or not isinstance(shape, list | tuple)
+            or len(shape) != 2
+            or not all(type(size) is int and size >= 0 for size in shape)
+        ):
+            raise ValueError("packed rows need 'shape' [rows, columns] and 'f8' bytes")
+        if len(data) != shape[0] * shape[1] * 8:
+            raise ValueError(f"packed rows of shape {list(shape)} need {shape[0] * shape[1] * 8} bytes")
+        return np.frombuffer(data, dtype="<f8").reshape(shape[0], shape[1])
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"rows must be numbers: {exc}") from exc
+    if array.ndim != 2:
+        raise ValueError(f"rows must form a 2-D array; got {array.ndim} dimensions")
+    return array
+
+
+def pack_rows(array: np.ndarray) -> dict[str, Any]:
+    """The packed form of a 2-D array, as `Float64Rows` reads it."""
+    return {"shape": list(array.shape), "f8": np.ascontiguousarray(array, dtype="<f8").tobytes()}
+
+
+def _rows_to_message(array: np.ndarray, info: SerializationInfo) -> Any:
+    return array.tolist() if info.mode_is_json() else pack_rows(array)
+
+
+# A 2-D float64 array: packed bytes in Python-mode dumps (msgpack messages), nested lists in JSON.
+Float64Rows = Annotated[
+    np.ndarray,
+    PlainValidator(_rows_from_message),
+    PlainSerializer(_rows_to_message),
+    WithJsonSchema({"type": "array", "items": {"type": "array", "items": {"type": "number"}}}),
+]
 
 
 class DeployedModel(BaseModel):
@@ -37,7 +93,7 @@ class PredictRequest(BaseModel):
 
     request_id: str
     client_id: int
-    instances: list[list[float]]
+    instances: Float64Rows
     received_at: datetime
 
 
@@ -80,10 +136,16 @@ class QueryBatch(BaseModel):
     scheme: str
     key_id: str
     answered_at: datetime
-    inputs: list[list[float]]
-    probabilities: list[list[float]]
+    inputs: Float64Rows
+    probabilities: Float64Rows
     label_indices: list[int]
     labels: list[str]
+
+    def to_message(self) -> dict[str, Any]:
+        """The batch for a msgpack message: arrays packed, the time in ISO 8601."""
+        message = self.model_dump()
+        message["answered_at"] = self.answered_at.isoformat()
+        return message
 
     def rows(self) -> list[dict[str, Any]]:
         """The batch as one insertable dict per answered row (arrays as float64 little-endian bytes)."""

@@ -33,7 +33,7 @@ from shared.names import (
     REDIS_REPLY_CHANNEL_PREFIX,
     TASK_PREDICT,
 )
-from shared.schemas import ClientIdentity, DeployedModel, PredictReplies, PredictReply
+from shared.schemas import ClientIdentity, DeployedModel, PredictReplies, PredictReply, pack_rows
 from shared.security import bearer_token, hash_api_key
 
 logger = logging.getLogger(__name__)
@@ -156,8 +156,17 @@ def check_finite(array: np.ndarray, status: int) -> None:
         raise ApiError(status, f"row {bad_row} contains NaN or an infinite value; send finite numbers only")
 
 
-def rows_to_array(instances: Any, model: DeployedModel, max_rows: int) -> np.ndarray:
-    """Validate v1 `instances` (a list of equal-length rows of numbers) and return them as float64."""
+def rows_to_array(
+    instances: Any, model: DeployedModel, max_rows: int, may_hold_booleans: bool = True
+) -> np.ndarray:
+    """Validate v1 `instances` (a list of equal-length rows of numbers) and return them as float64.
+
+    `may_hold_booleans` is False when the request body has no `true` or `false` anywhere: then numpy's
+    type inference alone tells numbers from anything else, since a string, a null, an object, or a
+    ragged or nested row each gives another dtype or shape; the row-by-row check (about 30 ns a value,
+    0.2 ms for 80 rows of 80) then runs only to name the problem. A boolean among numbers would pass
+    numpy as 1.0 or 0.0, hence the flag.
+    """
     if not isinstance(instances, list):
         raise ApiError(422, "'instances' must be a list of rows, each a list of numbers")
     if not instances:
@@ -166,6 +175,19 @@ def rows_to_array(instances: Any, model: DeployedModel, max_rows: int) -> np.nda
         raise ApiError(
             413, f"{len(instances)} rows exceed the limit of {max_rows} rows per request; split the batch"
         )
+    if not may_hold_booleans:
+        try:
+            inferred = np.array(instances)
+        except ValueError:  # ragged rows
+            inferred = None
+        if (
+            inferred is not None
+            and inferred.dtype.kind in "fiu"
+            and inferred.shape == (len(instances), model.n_features)
+        ):
+            array = inferred.astype(np.float64, copy=False)
+            check_finite(array, 422)
+            return array
     for index, row in enumerate(instances):
         if not isinstance(row, list):
             raise ApiError(422, f"row {index} is not a list of numbers")
@@ -520,7 +542,7 @@ class Dispatcher:
                 {
                     "request_id": request_id,
                     "client_id": client.client_id,
-                    "instances": rows.tolist(),
+                    "instances": pack_rows(rows),
                     "received_at": datetime.now(UTC).isoformat(),
                 },
                 len(rows),

@@ -113,8 +113,8 @@ def run_predict_job(
     replies: dict[str, PredictReply] = {}
     valid: list[tuple[PredictRequest, np.ndarray]] = []
     for request in job.requests:
-        inputs = np.asarray(request.instances, dtype=np.float64)
-        if inputs.ndim != 2 or inputs.shape[1] != model.n_features or not np.all(np.isfinite(inputs)):
+        inputs = request.instances
+        if inputs.shape[1] != model.n_features or not np.all(np.isfinite(inputs)):
             message = f"expected finite rows of {model.n_features} features, got shape {inputs.shape}"
             replies[request.request_id] = _error(request.request_id, 422, message)
         else:
@@ -131,15 +131,13 @@ def run_predict_job(
         for request, inputs in valid:
             end = start + inputs.shape[0]
             request_labels = label_indices[start:end]
-            request_probabilities = probabilities[start:end]
-            start = end
             replies[request.request_id] = PredictReply(
                 request_id=request.request_id,
                 ok=True,
                 version=model.version,
                 classes=model.classes,
                 label_indices=request_labels,
-                probabilities=request_probabilities,
+                probabilities=probabilities[start:end],
             )
             batches.append(
                 QueryBatch(
@@ -150,10 +148,11 @@ def run_predict_job(
                     scheme=scheme.name,
                     key_id=secrets.active_key_id,
                     answered_at=answered_at,
-                    inputs=request.instances,
-                    probabilities=request_probabilities,
+                    inputs=inputs,
+                    probabilities=prediction.probabilities[start:end],
                     label_indices=request_labels,
                     labels=[labels[index] for index in request_labels],
                 )
             )
+            start = end
     return [replies[request.request_id] for request in job.requests], batches

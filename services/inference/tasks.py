@@ -86,7 +86,7 @@ def predict(**payload: Any) -> None:
         # One audit message per job, kept in the outbox until its rows are committed; the auditor
         # drains waiting messages several per transaction, woken by one task per burst
         # (shared/audit_outbox.py). Before the reply: no answer goes out unrecorded.
-        audit = {"batches": [batch.model_dump(mode="json") for batch in batches]}
+        audit = {"batches": [batch.to_message() for batch in batches]}
         if audit_outbox.put(state.redis, job.job_id, audit):
             app.send_task(TASK_DRAIN_AUDIT, queue=QUEUE_AUDIT)
     state.redis.publish(job.reply_to, PredictReplies(replies=replies).model_dump_json())

@@ -12,33 +12,57 @@ from shared.schemas import DeployedModel
 MODEL = DeployedModel(name="m", version=1, n_features=3, classes=["a", "b"], sha256="0" * 64)
 
 
-def test_valid_rows_become_float64() -> None:
-    array = rows_to_array([[1, 2.5, -3], [0, 0, 0]], MODEL, max_rows=10)
-    assert array.dtype == np.float64
-    assert array.shape == (2, 3)
-
-
+@pytest.mark.parametrize("may_hold_booleans", [True, False])
 @pytest.mark.parametrize(
-    ("instances", "status", "fragment"),
+    "instances",
     [
-        ([], 422, "empty"),
-        ([[1, 2]], 422, "expects 3"),
-        ([[1, 2, 3], [1, 2, 3, 4]], 422, "row 1 has 4"),
-        ([[1, 2, "3"]], 422, "not a number"),
-        ([[1, 2, False]], 422, "not a number"),
-        ([[1, 2, None]], 422, "not a number"),
-        ([[1, 2, float("nan")]], 422, "NaN"),
-        ([[1, 2, 3], [1, 2, float("inf")]], 422, "row 1"),
-        ([[1, 2, 3]] * 11, 413, "limit of 10 rows"),
-        ({"a": 1}, 422, "list of rows"),
-        ([1, 2, 3], 422, "row 0 is not a list"),
+        [[1, 2.5, -3], [0, 0, 0]],
+        [[1, 2, 3]],
+        [[0.1, 1e-300, -1e300]],
+        [[2**63, 2**64 + 1, 2**70]],  # unsigned, and beyond 64 bits (numpy infers uint64, object)
     ],
 )
-def test_invalid_rows(instances: object, status: int, fragment: str) -> None:
+def test_valid_rows_become_float64(instances: list[list[float]], may_hold_booleans: bool) -> None:
+    array = rows_to_array(instances, MODEL, max_rows=10, may_hold_booleans=may_hold_booleans)
+    assert array.dtype == np.float64
+    assert array.shape == (len(instances), 3)
+    assert array.tolist() == [[float(value) for value in row] for row in instances]
+
+
+INVALID_ROWS = [
+    ([], 422, "empty"),
+    ([[1, 2]], 422, "expects 3"),
+    ([[1, 2, 3], [1, 2, 3, 4]], 422, "row 1 has 4"),
+    ([[1, 2, 3], [1, 2]], 422, "row 1 has 2"),
+    ([[1, 2, "3"]], 422, "not a number"),
+    ([[1, 2, None]], 422, "not a number"),
+    ([[1, 2, {"x": 1}]], 422, "not a number"),
+    ([[1, 2, [3]]], 422, "not a number"),
+    ([[[1], [2], [3]]], 422, "not a number"),
+    ([[1, 2, float("nan")]], 422, "NaN"),
+    ([[1, 2, 3], [1, 2, float("inf")]], 422, "row 1"),
+    ([[1, 2, 3]] * 11, 413, "limit of 10 rows"),
+    ({"a": 1}, 422, "list of rows"),
+    ([1, 2, 3], 422, "row 0 is not a list"),
+]
+
+
+@pytest.mark.parametrize("may_hold_booleans", [True, False])
+@pytest.mark.parametrize(("instances", "status", "fragment"), INVALID_ROWS)
+def test_invalid_rows(instances: object, status: int, fragment: str, may_hold_booleans: bool) -> None:
+    """The same refusal, with the same message, whether or not numpy's inference could be trusted."""
     with pytest.raises(ApiError) as caught:
-        rows_to_array(instances, MODEL, max_rows=10)
+        rows_to_array(instances, MODEL, max_rows=10, may_hold_booleans=may_hold_booleans)
     assert caught.value.status_code == status
     assert fragment in caught.value.message
+
+
+@pytest.mark.parametrize("instances", [[[1, 2, False]], [[1.5, True, 2]], [[True, False, True]]])
+def test_booleans_are_refused(instances: object) -> None:
+    with pytest.raises(ApiError) as caught:
+        rows_to_array(instances, MODEL, max_rows=10)
+    assert caught.value.status_code == 422
+    assert "not a number" in caught.value.message
 
 
 def test_v2_flat_and_nested_data() -> None:
