@@ -156,6 +156,19 @@ def check_finite(array: np.ndarray, status: int) -> None:
         raise ApiError(status, f"row {bad_row} contains NaN or an infinite value; send finite numbers only")
 
 
+def _numbers_only(values: list[Any]) -> np.ndarray | None:
+    """The values as an array if numpy infers a number dtype for them (None: look closer).
+
+    Without JSON booleans, which numpy would read as numbers, anything else in the lists (a string,
+    a null, an object, a ragged or nested row) gives another dtype or fails.
+    """
+    try:
+        inferred = np.array(values)
+    except ValueError:  # ragged
+        return None
+    return inferred if inferred.dtype.kind in "fiu" else None
+
+
 def rows_to_array(
     instances: Any, model: DeployedModel, max_rows: int, may_hold_booleans: bool = True
 ) -> np.ndarray:
@@ -176,15 +189,8 @@ def rows_to_array(
             413, f"{len(instances)} rows exceed the limit of {max_rows} rows per request; split the batch"
         )
     if not may_hold_booleans:
-        try:
-            inferred = np.array(instances)
-        except ValueError:  # ragged rows
-            inferred = None
-        if (
-            inferred is not None
-            and inferred.dtype.kind in "fiu"
-            and inferred.shape == (len(instances), model.n_features)
-        ):
+        inferred = _numbers_only(instances)
+        if inferred is not None and inferred.shape == (len(instances), model.n_features):
             array = inferred.astype(np.float64, copy=False)
             check_finite(array, 422)
             return array
@@ -206,8 +212,13 @@ def rows_to_array(
 V2_DATATYPES = {"FP32": np.float32, "FP64": np.float64}
 
 
-def v2_inputs_to_array(body: Any, model: DeployedModel, max_rows: int) -> np.ndarray:
-    """Validate an Open Inference Protocol request with one FP32/FP64 tensor of shape [N, F]."""
+def v2_inputs_to_array(
+    body: Any, model: DeployedModel, max_rows: int, may_hold_booleans: bool = True
+) -> np.ndarray:
+    """Validate an Open Inference Protocol request with one FP32/FP64 tensor of shape [N, F].
+
+    `may_hold_booleans` as for `rows_to_array`.
+    """
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
         raise ApiError(400, "the body must be an object with an 'inputs' list (Open Inference Protocol)")
     inputs = body["inputs"]
@@ -238,15 +249,27 @@ def v2_inputs_to_array(body: Any, model: DeployedModel, max_rows: int) -> np.nda
     data = tensor.get("data")
     if not isinstance(data, list):
         raise ApiError(400, "input 'data' must be a list of numbers (flat, row-major, or nested rows)")
+    if not may_hold_booleans:
+        inferred = _numbers_only(data)
+        if inferred is not None and inferred.size == rows * features:
+            # Integers through float64 first, as Python ints are converted in the check below.
+            return _v2_array(inferred.reshape(-1).astype(np.float64, copy=False), datatype, rows, features)
     try:
         flat = np.asarray(data, dtype=object).reshape(-1)
-    except ValueError as exc:
-        raise ApiError(400, "input 'data' is ragged: every row must have the same length") from exc
+    except ValueError:
+        flat = None
+    # numpy keeps the lists of uneven nesting as objects rather than failing.
+    if flat is None or any(type(value) is list for value in flat):
+        raise ApiError(400, "input 'data' is ragged: every row must have the same length")
     if flat.size != rows * features:
         raise ApiError(400, f"input 'data' holds {flat.size} values; shape {shape} needs {rows * features}")
     values = flat.tolist()
     if not set(map(type, values)) <= _NUMBER_TYPE_SET:
         raise ApiError(400, f"input 'data' contains {_first_non_number(values)!r}, which is not a number")
+    return _v2_array(flat, datatype, rows, features)
+
+
+def _v2_array(flat: np.ndarray, datatype: str, rows: int, features: int) -> np.ndarray:
     # FP32 inputs are rounded to float32 first, so the fingerprint sees exactly the values the model sees.
     with np.errstate(over="ignore"):  # out-of-range FP32 values become inf and are refused below
         array = flat.astype(V2_DATATYPES[datatype]).astype(np.float64).reshape(rows, features)

@@ -65,11 +65,61 @@ def test_booleans_are_refused(instances: object) -> None:
     assert "not a number" in caught.value.message
 
 
-def test_v2_flat_and_nested_data() -> None:
+@pytest.mark.parametrize("may_hold_booleans", [True, False])
+def test_v2_flat_and_nested_data(may_hold_booleans: bool) -> None:
     tensor = {"name": "x", "shape": [2, 3], "datatype": "FP64"}
-    flat = v2_inputs_to_array({"inputs": [{**tensor, "data": [1, 2, 3, 4, 5, 6]}]}, MODEL, 10)
-    nested = v2_inputs_to_array({"inputs": [{**tensor, "data": [[1, 2, 3], [4, 5, 6]]}]}, MODEL, 10)
+    flat = v2_inputs_to_array(
+        {"inputs": [{**tensor, "data": [1, 2, 3, 4, 5, 6]}]}, MODEL, 10, may_hold_booleans
+    )
+    nested = v2_inputs_to_array(
+        {"inputs": [{**tensor, "data": [[1, 2, 3], [4, 5, 6]]}]}, MODEL, 10, may_hold_booleans
+    )
     np.testing.assert_array_equal(flat, nested)
+    np.testing.assert_array_equal(flat, [[1, 2, 3], [4, 5, 6]])
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        [0.1, -2.5e38, 3.4e38, 1e-45, 2**24 + 1, 7],
+        [2**53 + 1, 2**60 + 3, 2**63 + 2**40 + 1, 2**64 + 5, 1, 2],  # ints rounded as Python rounds them
+        [[1, 2.5, 3], [4, 5, 6.25]],
+    ],
+)
+def test_v2_both_checks_give_the_same_values(datatype: str, data: list[object]) -> None:
+    body = {"inputs": [{"name": "x", "shape": [2, 3], "datatype": datatype, "data": data}]}
+    closer = v2_inputs_to_array(body, MODEL, 10, may_hold_booleans=True)
+    inferred = v2_inputs_to_array(body, MODEL, 10, may_hold_booleans=False)
+    assert closer.tobytes() == inferred.tobytes()
+
+
+@pytest.mark.parametrize("may_hold_booleans", [True, False])
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ([1, 2, 3, 4, 5, "6"], "not a number"),
+        ([1, 2, 3, 4, 5, None], "not a number"),
+        ([1, 2, 3, 4, 5, {"v": 6}], "not a number"),
+        ([[1, 2, 3], [4, 5]], "ragged"),
+        ([1, 2, 3, 4, 5], "holds 5 values"),
+        ([[1, 2, 3], [4, 5, 6], [7, 8, 9]], "holds 9 values"),
+        ([1, 2, 3, 4, 5, float("inf")], "NaN or an infinite"),
+        ([[1, 2, 3], [4, 5, float("nan")]], "NaN or an infinite"),
+    ],
+)
+def test_v2_invalid_data(data: list[object], fragment: str, may_hold_booleans: bool) -> None:
+    body = {"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP64", "data": data}]}
+    with pytest.raises(ApiError) as caught:
+        v2_inputs_to_array(body, MODEL, 10, may_hold_booleans=may_hold_booleans)
+    assert caught.value.status_code == 400
+    assert fragment in caught.value.message
+
+
+def test_v2_booleans_are_refused() -> None:
+    body = {"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP64", "data": [1.5, 2, 3, 4, 5, True]}]}
+    with pytest.raises(ApiError, match="not a number"):
+        v2_inputs_to_array(body, MODEL, 10)
 
 
 def test_v2_fp32_rounds_to_float32() -> None:
