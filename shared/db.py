@@ -97,7 +97,6 @@ class QueryRecord(Base):
     __table_args__ = (
         UniqueConstraint("request_id", "row_index", name="uq_query_records_request_id_row_index"),
         UniqueConstraint("client_id", "seq", name="uq_query_records_client_id_seq"),
-        Index("ix_query_records_client_id_answered_at", "client_id", "answered_at"),
         Index("ix_query_records_client_id_id", "client_id", "id"),
     )
 

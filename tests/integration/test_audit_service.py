@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import text
+from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint, text
 
 from services.auditor import service
 from shared import audit_outbox
-from shared.db import session_scope
+from shared.db import QueryRecord, session_scope
 from shared.names import (
     REDIS_API_KEYS,
     REDIS_AUDIT_DRAIN_QUEUED,
@@ -121,6 +121,33 @@ def test_detector_states_are_stored_without_compression(running_stack: RunningSt
             )
         ).scalar_one()
     assert storage == "e"
+
+
+def test_query_records_carry_only_the_indexes_in_use(running_stack: RunningStack) -> None:
+    # Each index costs PostgreSQL CPU on every stored row; migration 0005 dropped the answer-time one,
+    # which no query used. The schema the migrations build matches the models' declaration.
+    with session_scope(running_stack.stack.database_url or "") as session:
+        indexes = set(
+            session.execute(
+                text("SELECT indexname FROM pg_indexes WHERE tablename = 'query_records'")
+            ).scalars()
+        )
+    table = QueryRecord.__table__
+    declared = {index.name for index in table.indexes} | {
+        constraint.name
+        for constraint in table.constraints
+        if isinstance(constraint, (PrimaryKeyConstraint, UniqueConstraint))
+    }
+    assert (
+        indexes
+        == declared
+        == {
+            "pk_query_records",
+            "uq_query_records_request_id_row_index",
+            "uq_query_records_client_id_seq",
+            "ix_query_records_client_id_id",
+        }
+    )
 
 
 @pytest.fixture
