@@ -118,19 +118,25 @@ def score_client(session: Session, client_id: int, profiles: ProfileCache) -> li
             .order_by(QueryRecord.id)
             .limit(MAX_ROWS_PER_JOB)
         ).all()
+        ids = np.fromiter((row.id for row in rows), dtype=np.int64, count=len(rows))
+        joined = b"".join(row.input for row in rows)
+        all_inputs = np.frombuffer(joined, dtype="<f8").reshape(len(rows), -1 if rows else 0)
+        all_labels = np.fromiter((row.label_index for row in rows), dtype=np.int64, count=len(rows))
         results = []
         for detector in detectors:
             state = states.get((model_name, detector.name))
             last_id = state.last_record_id if state is not None else 0
-            fresh = [row for row in rows if row.id > last_id]
-            if not fresh:
+            # The rows are in id order: this detector's new ones are a suffix (usually all of them;
+            # the detectors share one set of rows instead of each rebuilding its own).
+            first = int(np.searchsorted(ids, last_id, side="right"))
+            if first == len(rows):
                 if state is not None:
                     results.append(_stored_result(state))
                 continue
-            inputs = np.frombuffer(b"".join(row.input for row in fresh), dtype="<f8").reshape(len(fresh), -1)
-            labels = np.array([row.label_index for row in fresh], dtype=np.int64)
-            new_state, result = detector.update(state.state if state is not None else None, inputs, labels)
-            _save_state(session, client_id, model_name, new_state, result, fresh[-1].id if fresh else last_id)
+            new_state, result = detector.update(
+                state.state if state is not None else None, all_inputs[first:], all_labels[first:]
+            )
+            _save_state(session, client_id, model_name, new_state, result, int(ids[-1]))
             results.append(result)
         scores.append(ModelScore(model_name, results))
     return scores
