@@ -636,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         service_name.get(args.command, args.command),
         settings.log_level,
         settings.log_format if args.command in ("serve", "worker", "beat") else "text",
+        settings.log_each_task,
     )
     if args.command in ("serve", "worker", "beat"):
         limit_blas_threads(settings.blas_threads)

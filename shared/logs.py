@@ -35,8 +35,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
-    """Route all logging to stderr in the chosen format."""
+def _not_a_task_success(record: logging.LogRecord) -> bool:
+    from celery.app.trace import LOG_SUCCESS  # noqa: PLC0415 - only workers log through it
+
+    return record.msg is not LOG_SUCCESS
+
+
+def configure_logging(service: str, level: str = "INFO", fmt: str = "json", each_task: bool = False) -> None:
+    """Route all logging to stderr in the chosen format.
+
+    Unless `each_task`, Celery's per-task INFO lines ("Task ... received", "Task ... succeeded") are
+    left out; its warnings and errors, task failures and retries included, are not.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter(service))
@@ -47,3 +57,10 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "alembic.runtime.plugins", "alembic.runtime.migration"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The strategy logs only "received" at INFO; the tracer also logs retries and ignored tasks there.
+    logging.getLogger("celery.worker.strategy").setLevel(logging.NOTSET if each_task else logging.WARNING)
+    trace = logging.getLogger("celery.app.trace")
+    if each_task:
+        trace.removeFilter(_not_a_task_success)
+    else:
+        trace.addFilter(_not_a_task_success)

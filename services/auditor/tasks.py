@@ -107,7 +107,7 @@ def _compile_detector_kernels(**_: Any) -> None:
 
 @worker_process_init.connect
 def _init_worker_process(**_: Any) -> None:
-    configure_logging("auditor", settings.log_level, settings.log_format)
+    configure_logging("auditor", settings.log_level, settings.log_format, settings.log_each_task)
     tune_garbage_collector()
 
 

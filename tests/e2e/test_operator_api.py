@@ -174,3 +174,23 @@ def test_secrets_never_appear_in_logs_or_responses(
         assert secret not in answer
         assert secret not in bad
     assert not re.search(r"mp_[A-Za-z0-9_-]{30,}", logs)
+
+
+def test_workers_log_no_line_per_task_by_default(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    """Celery's "received"/"succeeded" INFO lines (two per job, 100 KB/s per worker at 200 jobs/s)
+    are left out unless MODELPRINT_LOG_EACH_TASK; the workers still log at INFO otherwise."""
+    client_id, gateway, _ = running_stack.new_client("log-volume")
+    with gateway:
+        for _ in range(3):
+            gateway.predict(small_model.name, small_model.X[:1].tolist())
+    wait_until(lambda: running_stack.query_count(client_id) == 3, 20, "the 3 rows stored")
+    logs = {
+        path.name: path.read_text(errors="replace")
+        for path in (running_stack.data_dir / "logs").glob("*worker*.log")
+    }
+    assert any('"level": "info"' in text for text in logs.values()), "the workers logged nothing at INFO"
+    for name, text in logs.items():
+        assert "] received" not in text, name
+        assert "] succeeded in" not in text, name
