@@ -59,16 +59,21 @@ if now < 0 then
 end
 """
 
-# KEYS: outbox hash, index, flag. ARGV: now, id, payload, flag TTL. Returns 1 if it set the flag.
+# KEYS: outbox hash, index, flag[, reply channel]. ARGV: now, id, payload, flag TTL[, reply].
+# Returns 1 if it set the flag. The reply, if any, is published after the message is kept.
 _PUT_SCRIPT = (
     _NOW
     + """
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[2], now, ARGV[2])
+local flagged = 0
 if redis.call('SET', KEYS[3], 1, 'NX', 'EX', tonumber(ARGV[4])) then
-    return 1
+    flagged = 1
 end
-return 0
+if #KEYS > 3 then
+    redis.call('PUBLISH', KEYS[4], ARGV[5])
+end
+return flagged
 """
 )
 
@@ -124,10 +129,23 @@ def _time(now: float | None) -> str:
     return "-1" if now is None else repr(now)
 
 
-def put(client: redis.Redis, outbox_id: str, payload: dict[str, Any], now: float | None = None) -> bool:
-    """Keep an audit message (a job's batches) until `remove`; True if the caller must queue a drain."""
+def put(
+    client: redis.Redis,
+    outbox_id: str,
+    payload: dict[str, Any],
+    now: float | None = None,
+    reply: tuple[str, str | bytes] | None = None,
+) -> bool:
+    """Keep an audit message (a job's batches) until `remove`; True if the caller must queue a drain.
+
+    With `reply` (channel, message), the same atomic step then publishes the answers the message
+    records: one round trip instead of two, and no reply can leave before its record is kept.
+    """
     keys = [REDIS_AUDIT_OUTBOX, REDIS_AUDIT_OUTBOX_INDEX, REDIS_AUDIT_DRAIN_QUEUED]
-    args = [_time(now), outbox_id, msgpack.packb(payload), FLAG_TTL_SECONDS]
+    args: list[Any] = [_time(now), outbox_id, msgpack.packb(payload), FLAG_TTL_SECONDS]
+    if reply is not None:
+        keys.append(reply[0])
+        args.append(reply[1])
     return bool(_run(client, _PUT_SCRIPT, keys, args))
 
 

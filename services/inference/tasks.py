@@ -58,7 +58,7 @@ def _compile_fingerprint_kernels(**_: Any) -> None:
 
 @worker_process_init.connect
 def _init_worker_process(**_: Any) -> None:
-    configure_logging("inference", settings.log_level, settings.log_format)
+    configure_logging("inference", settings.log_level, settings.log_format, settings.log_each_task)
     runtime()
     tune_garbage_collector()
 
@@ -82,11 +82,14 @@ def predict(**payload: Any) -> None:
             for request in job.requests
         ]
         batches = []
+    reply = PredictReplies(replies=replies).model_dump_json()
     if batches:
         # One audit message per job, kept in the outbox until its rows are committed; the auditor
         # drains waiting messages several per transaction, woken by one task per burst
-        # (shared/audit_outbox.py). Before the reply: no answer goes out unrecorded.
+        # (shared/audit_outbox.py). The reply is published in the same atomic step, after the
+        # message is kept: no answer goes out unrecorded.
         audit = {"batches": [batch.to_message() for batch in batches]}
-        if audit_outbox.put(state.redis, job.job_id, audit):
+        if audit_outbox.put(state.redis, job.job_id, audit, reply=(job.reply_to, reply)):
             app.send_task(TASK_DRAIN_AUDIT, queue=QUEUE_AUDIT)
-    state.redis.publish(job.reply_to, PredictReplies(replies=replies).model_dump_json())
+    else:
+        state.redis.publish(job.reply_to, reply)

@@ -205,6 +205,26 @@ def test_outbox_claims_oldest_first_under_a_lease_and_asks_for_one_drain_per_bur
     assert client.hkeys(REDIS_AUDIT_OUTBOX_REJECTED) == [b"c"]
 
 
+def test_outbox_put_publishes_the_reply_once_the_message_is_kept(outbox_redis: redis.Redis) -> None:
+    channel = f"test-reply-{uuid.uuid4().hex}"
+    pubsub = outbox_redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel)
+    try:
+        assert pubsub.get_message(timeout=1.0) is None  # the subscription is in place
+        assert audit_outbox.put(outbox_redis, "r", _message("r"), now=1000.0, reply=(channel, b"answers"))
+        message = pubsub.get_message(timeout=5.0)
+        assert message is not None
+        assert message["data"] == b"answers"
+        assert audit_outbox.claim(outbox_redis, limit=10, lease_seconds=30, now=1001.0) == [
+            ("r", _message("r"))
+        ]
+        # Without a reply, nothing is published.
+        audit_outbox.put(outbox_redis, "s", _message("s"), now=1002.0)
+        assert pubsub.get_message(timeout=0.5) is None
+    finally:
+        pubsub.close()
+
+
 def test_concurrent_drains_claim_disjoint_messages(outbox_redis: redis.Redis) -> None:
     client = outbox_redis
     for index in range(400):
