@@ -128,7 +128,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def answer(
         request: Request, name: str, authorization: str | None, v2: bool
     ) -> tuple[DeployedModel, PredictReply]:
-        client, model = await service.client_and_model(redis_client, authorization, name)
+        client, model, backlog = await service.client_and_model(redis_client, authorization, name)
         body = await service.read_body(
             request.stream(), request.headers.get("content-length"), settings.max_body_bytes
         )
@@ -147,7 +147,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             rows = service.rows_to_array(
                 payload["instances"], model, settings.max_batch_rows, may_hold_booleans=booleans
             )
-        reply = await dispatcher.predict(client, model, rows)
+        reply = await dispatcher.predict(client, model, rows, backlog)
         ROWS.labels(model.name).inc(len(reply.label_indices))
         return model, reply
 

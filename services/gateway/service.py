@@ -100,17 +100,19 @@ async def deployed_model(registry: aioredis.Redis, name: str) -> DeployedModel:
 
 async def client_and_model(
     registry: aioredis.Redis, authorization: str | None, name: str
-) -> tuple[ClientIdentity, DeployedModel]:
-    """`authenticate` and `deployed_model` in one Redis round trip (401 before 404, as separately)."""
+) -> tuple[ClientIdentity, DeployedModel, int]:
+    """`authenticate` and `deployed_model` in one Redis round trip (401 before 404, as separately),
+    with the inference queue's length for `Dispatcher.predict`."""
     key_hash = _key_hash(authorization)
     try:
         async with registry.pipeline(transaction=False) as pipe:
             pipe.hget(REDIS_API_KEYS, key_hash)
             pipe.hget(REDIS_MODELS, name)
-            raw_client, raw_model = await pipe.execute()
+            pipe.llen(QUEUE_INFERENCE)
+            raw_client, raw_model, backlog = await pipe.execute()
     except RedisError as exc:
         raise ApiError(503, "the registry (Redis) is unavailable; retry shortly") from exc
-    return _identity_or_401(raw_client), _model_or_404(raw_model, name)
+    return _identity_or_401(raw_client), _model_or_404(raw_model, name), int(backlog)
 
 
 def _first_non_number(values: list[Any]) -> Any:
@@ -536,11 +538,12 @@ class Dispatcher:
             if future is not None and not future.done():
                 future.set_result(reply)
 
-    async def _check_backlog(self) -> None:
-        try:
-            backlog = await self.redis.llen(QUEUE_INFERENCE)
-        except RedisError as exc:
-            raise ApiError(503, "the job queue (Redis) is unavailable; retry shortly") from exc
+    async def _check_backlog(self, backlog: int | None) -> None:
+        if backlog is None:
+            try:
+                backlog = await self.redis.llen(QUEUE_INFERENCE)
+            except RedisError as exc:
+                raise ApiError(503, "the job queue (Redis) is unavailable; retry shortly") from exc
         if backlog >= self.max_backlog:
             raise ApiError(
                 503,
@@ -548,10 +551,17 @@ class Dispatcher:
                 {"Retry-After": "1"},
             )
 
-    async def predict(self, client: ClientIdentity, model: DeployedModel, rows: np.ndarray) -> PredictReply:
-        """Add the rows to the model's open job and wait for their reply, without blocking the event loop."""
+    async def predict(
+        self, client: ClientIdentity, model: DeployedModel, rows: np.ndarray, backlog: int | None = None
+    ) -> PredictReply:
+        """Add the rows to the model's open job and wait for their reply, without blocking the event loop.
+
+        Refused (503) while the inference queue holds `max_backlog` jobs: `backlog` is its length if
+        the caller just read it (in the same round trip as the API key), else it is read here.
+        """
         if not self._subscribed.is_set():
             raise ApiError(503, "the gateway is not connected to Redis yet; retry shortly")
+        await self._check_backlog(backlog)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         if self.admission is not None:
@@ -657,10 +667,7 @@ class Dispatcher:
             kwargsrepr=f"{{job {job_id}: {len(job.requests)} requests, {job.rows} rows}}",
         )
         try:
-            await self._check_backlog()
             await anyio.to_thread.run_sync(send)
-        except ApiError as exc:
-            self._fail(job, exc)
         except (KombuOperationalError, RedisError, OSError) as exc:
             logger.warning("could not enqueue a job", extra={"error": str(exc)})
             self._fail(job, ApiError(503, "could not enqueue the request (Redis unavailable); retry shortly"))

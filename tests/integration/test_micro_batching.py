@@ -17,11 +17,12 @@ import redis
 import redis.asyncio as aioredis
 
 from services.gateway.config import GatewaySettings
-from services.gateway.service import AdmissionControl, Dispatcher, audit_lag, deployed_model
+from services.gateway.service import AdmissionControl, Dispatcher, audit_lag, client_and_model, deployed_model
 from shared.celery_app import create_celery_app
 from shared.http import ApiError
-from shared.names import QUEUE_INFERENCE, REDIS_AUDIT_LAG
+from shared.names import QUEUE_INFERENCE, REDIS_API_KEYS, REDIS_AUDIT_LAG, REDIS_MODELS
 from shared.schemas import ClientIdentity, DeployedModel, PredictReply
+from shared.security import hash_api_key
 from tests.conftest import DeployedTestModel, RunningStack, wait_until
 
 pytestmark = pytest.mark.integration
@@ -146,6 +147,7 @@ async def _on_side_database(
     rows: np.ndarray,
     waiting_jobs: list[bytes],
     max_backlog: int,
+    backlog: int | None = None,
 ) -> tuple[BaseException, list[bytes]]:
     """One request through a Dispatcher whose Redis client and Celery broker are database 15 of the
     stack's Redis (no worker consumes it), its inference queue holding `waiting_jobs` first; the
@@ -163,7 +165,7 @@ async def _on_side_database(
     try:
         model = await deployed_model(main, model_name)
         with pytest.raises(ApiError) as failed:
-            await dispatcher.predict(ClientIdentity(client_id=1, name="side"), model, rows)
+            await dispatcher.predict(ClientIdentity(client_id=1, name="side"), model, rows, backlog)
         assert dispatcher.jobs_in_flight == 0
         return failed.value, [bytes(job) for job in await side_redis.lrange(QUEUE_INFERENCE, 0, -1)]
     finally:
@@ -186,6 +188,39 @@ def test_a_full_inference_queue_answers_503_with_retry_after(
     assert "inference queue is full (2 jobs waiting)" in error.message
     assert error.headers == {"Retry-After": "1"}
     assert queued == waiting  # nothing enqueued
+
+
+def test_the_queue_length_read_with_the_api_key_decides_the_503(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    """The API reads the inference queue's length in the round trip that looks up the key and the
+    model, and the dispatcher refuses on that figure without asking Redis again."""
+    main_url = GatewaySettings(redis_url=running_stack.stack.redis_url).require_redis_url()
+
+    async def lookup() -> tuple[ClientIdentity, DeployedModel, int]:
+        main = aioredis.Redis.from_url(main_url)
+        side = aioredis.Redis.from_url(main_url.rsplit("/", 1)[0] + "/15")
+        try:
+            await side.delete(REDIS_API_KEYS, REDIS_MODELS, QUEUE_INFERENCE)
+            await side.hset(REDIS_MODELS, small_model.name, await main.hget(REDIS_MODELS, small_model.name))
+            await side.hset(REDIS_API_KEYS, hash_api_key("mp_side_key"), '{"client_id": 7, "name": "side"}')
+            await side.rpush(QUEUE_INFERENCE, b"one", b"two", b"three")
+            return await client_and_model(side, "Bearer mp_side_key", small_model.name)
+        finally:
+            await side.delete(REDIS_API_KEYS, REDIS_MODELS, QUEUE_INFERENCE)
+            await side.aclose()
+            await main.aclose()
+
+    client, model, backlog = asyncio.run(lookup())
+    assert (client.client_id, model.name, backlog) == (7, small_model.name, 3)
+    # The queue the dispatcher would read is empty: the 503 comes from the figure passed in.
+    error, queued = asyncio.run(
+        _on_side_database(running_stack, small_model.name, small_model.X[:1], [], max_backlog=2, backlog=5)
+    )
+    assert isinstance(error, ApiError)
+    assert error.status_code == 503
+    assert "(5 jobs waiting)" in error.message
+    assert queued == []
 
 
 def test_job_messages_summarise_their_arguments_without_the_rows(
