@@ -538,12 +538,7 @@ class Dispatcher:
             if future is not None and not future.done():
                 future.set_result(reply)
 
-    async def _check_backlog(self, backlog: int | None) -> None:
-        if backlog is None:
-            try:
-                backlog = await self.redis.llen(QUEUE_INFERENCE)
-            except RedisError as exc:
-                raise ApiError(503, "the job queue (Redis) is unavailable; retry shortly") from exc
+    def _refuse_if_full(self, backlog: int) -> None:
         if backlog >= self.max_backlog:
             raise ApiError(
                 503,
@@ -552,16 +547,16 @@ class Dispatcher:
             )
 
     async def predict(
-        self, client: ClientIdentity, model: DeployedModel, rows: np.ndarray, backlog: int | None = None
+        self, client: ClientIdentity, model: DeployedModel, rows: np.ndarray, backlog: int
     ) -> PredictReply:
         """Add the rows to the model's open job and wait for their reply, without blocking the event loop.
 
-        Refused (503) while the inference queue holds `max_backlog` jobs: `backlog` is its length if
-        the caller just read it (in the same round trip as the API key), else it is read here.
+        Refused (503) while the inference queue holds `max_backlog` jobs: `backlog` is its length, as
+        the caller read it with the API key (`client_and_model`), which saves a round trip per job.
         """
         if not self._subscribed.is_set():
             raise ApiError(503, "the gateway is not connected to Redis yet; retry shortly")
-        await self._check_backlog(backlog)
+        self._refuse_if_full(backlog)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         if self.admission is not None:

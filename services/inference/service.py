@@ -114,8 +114,11 @@ def run_predict_job(
     valid: list[tuple[PredictRequest, np.ndarray]] = []
     for request in job.requests:
         inputs = request.instances
-        if inputs.shape[1] != model.n_features or not np.all(np.isfinite(inputs)):
-            message = f"expected finite rows of {model.n_features} features, got shape {inputs.shape}"
+        rows, features = inputs.shape
+        if rows == 0 or features != model.n_features or not np.all(np.isfinite(inputs)):
+            message = (
+                f"expected 1 or more finite rows of {model.n_features} features, got shape {inputs.shape}"
+            )
             replies[request.request_id] = _error(request.request_id, 422, message)
         else:
             valid.append((request, inputs))
