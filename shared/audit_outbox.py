@@ -184,7 +184,8 @@ def mark_drain_queued(client: redis.Redis) -> bool:
 
 
 def reject(client: redis.Redis, outbox_id: str) -> None:
-    """Move a message that cannot be stored (it does not parse) out of the outbox, for an operator."""
+    """Move a message that cannot be stored (it does not parse, or PostgreSQL refuses its rows) out of
+    the outbox, for an operator."""
     payload = client.hget(REDIS_AUDIT_OUTBOX, outbox_id)
     with client.pipeline(transaction=True) as pipe:
         if payload is not None:

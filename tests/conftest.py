@@ -32,6 +32,11 @@ TEST_VISIBILITY_TIMEOUT = 5
 TEST_PREDICT_TIMEOUT = 4
 
 
+def side_redis_url(running_stack: RunningStack) -> str:
+    """Database 15 of the stack's Redis: the services use database 0, so nothing there is consumed."""
+    return (running_stack.stack.redis_url or "").rsplit("/", 1)[0] + "/15"
+
+
 def wait_until(condition: Callable[[], T], timeout: float, message: str, interval: float = 0.1) -> T:
     """Poll until the condition returns something truthy; fail with the message at the deadline."""
     deadline = time.monotonic() + timeout

@@ -23,7 +23,7 @@ from shared.names import (
     REDIS_MODELS,
 )
 from shared.schemas import QueryBatch
-from tests.conftest import DeployedTestModel, RunningStack
+from tests.conftest import DeployedTestModel, RunningStack, side_redis_url
 
 pytestmark = pytest.mark.integration
 
@@ -153,7 +153,7 @@ def test_query_records_carry_only_the_indexes_in_use(running_stack: RunningStack
 @pytest.fixture
 def outbox_redis(running_stack: RunningStack) -> Iterator[redis.Redis]:
     """A database of its own on the stack's Redis (the workers use database 0), emptied around the test."""
-    client = redis.Redis.from_url((running_stack.stack.redis_url or "").rsplit("/", 1)[0] + "/15")
+    client = redis.Redis.from_url(side_redis_url(running_stack))
     client.flushdb()
     try:
         yield client

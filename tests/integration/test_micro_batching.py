@@ -23,7 +23,7 @@ from shared.http import ApiError
 from shared.names import QUEUE_INFERENCE, REDIS_API_KEYS, REDIS_AUDIT_LAG, REDIS_MODELS
 from shared.schemas import ClientIdentity, DeployedModel, PredictReply
 from shared.security import hash_api_key
-from tests.conftest import DeployedTestModel, RunningStack, wait_until
+from tests.conftest import DeployedTestModel, RunningStack, side_redis_url, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -153,7 +153,7 @@ async def _on_side_database(
     stack's Redis (no worker consumes it), its inference queue holding `waiting_jobs` first; the
     request's error (503 if refused, 504 once its timeout passes) and what the queue then holds."""
     main_url = GatewaySettings(redis_url=running_stack.stack.redis_url).require_redis_url()
-    side = GatewaySettings(redis_url=main_url.rsplit("/", 1)[0] + "/15")
+    side = GatewaySettings(redis_url=side_redis_url(running_stack))
     main = aioredis.Redis.from_url(main_url)
     side_redis = aioredis.Redis.from_url(side.require_redis_url())
     await side_redis.delete(QUEUE_INFERENCE)
@@ -201,7 +201,7 @@ def test_the_queue_length_read_with_the_api_key_decides_the_503(
 
     async def lookup() -> tuple[ClientIdentity, DeployedModel, int]:
         main = aioredis.Redis.from_url(main_url)
-        side = aioredis.Redis.from_url(main_url.rsplit("/", 1)[0] + "/15")
+        side = aioredis.Redis.from_url(side_redis_url(running_stack))
         try:
             await side.delete(REDIS_API_KEYS, REDIS_MODELS, QUEUE_INFERENCE)
             await side.hset(REDIS_MODELS, small_model.name, await main.hget(REDIS_MODELS, small_model.name))
