@@ -180,13 +180,23 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
 
 def parse_stack_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Add the stack's process counts to a benchmark's arguments, parse them, and require wrk."""
-    parser.add_argument("--inference-workers", type=int, default=1)
-    parser.add_argument("--inference-concurrency", type=int, default=2)
-    parser.add_argument("--gateway-workers", type=int, default=1)
+    defaults = StackOptions()
+    parser.add_argument("--inference-workers", type=int, default=defaults.inference_workers)
+    parser.add_argument("--inference-concurrency", type=int, default=defaults.inference_concurrency)
+    parser.add_argument("--gateway-workers", type=int, default=defaults.gateway_workers)
     args = parser.parse_args()
     if not wrk_available():
         sys.exit("wrk is not installed: `apt-get install -y wrk`")
     return args
+
+
+def inference_pool_description(args: argparse.Namespace) -> str:
+    """The inference workers' pool, as the default variant runs it."""
+    from services.inference.config import InferenceSettings
+
+    default = InferenceSettings.model_fields["inference_pool"].default
+    pool = os.environ.get("MODELPRINT_INFERENCE_POOL", default)
+    return f"prefork pool of {args.inference_concurrency}" if pool == "prefork" else f"{pool} pool"
 
 
 def stack_options(args: argparse.Namespace, overrides: dict[str, str]) -> StackOptions:
@@ -538,7 +548,7 @@ def main() -> None:
     print(
         f"\nmodel: {trained.description}; {args.repeats} runs of {args.seconds:g} s per cell (medians; "
         f"range = min-max req/s); modelprint: {args.gateway_workers} gateway process(es), "
-        f"{args.inference_workers} inference worker(s) x {args.inference_concurrency}; "
+        f"{args.inference_workers} inference worker(s), {inference_pool_description(args)}; "
         f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
         f"{time.monotonic() - started:.0f} s in all"
     )

@@ -50,7 +50,7 @@ def main() -> None:
         folder = Path(tmp)
         save_model(trained.estimator, folder / "ecg.skops")
         save_reference_data(trained.X_test, trained.y_test, folder / "reference.npz")
-        options = StackOptions(inference_workers=1, inference_concurrency=2, with_beat=True)
+        options = StackOptions(with_beat=True)
         with modelprint_server(
             "modelprint", folder, folder / "ecg.skops", folder / "reference.npz", options, probe, env
         ) as server:

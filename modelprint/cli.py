@@ -41,12 +41,12 @@ def _print_json(value: Any) -> None:
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from modelprint.stack import Stack, StackOptions
 
+    chosen = {"inference_workers": args.inference_workers, "inference_concurrency": args.concurrency}
     stack = Stack(
         settings,
         StackOptions(
-            inference_workers=args.inference_workers,
-            inference_concurrency=args.concurrency,
             gateway_workers=args.gateway_workers,
+            **{option: value for option, value in chosen.items() if value is not None},
         ),
     )
     print(f"modelprint: starting on data dir {settings.data_dir} ...", flush=True)
@@ -135,6 +135,11 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from shared.gc_tuning import tune_garbage_collector
 
     tune_garbage_collector()
+    if pool == "solo":
+        # Celery enforces time limits only in prefork children; a solo worker enforces its own.
+        from shared.solo_limits import enforce_time_limits
+
+        enforce_time_limits()
     app.worker_main(
         [
             "worker",
@@ -145,7 +150,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             "--pool",
             pool,
             "--hostname",
-            f"{args.queue}-%i@%h" if args.queue == "inference" else f"{args.queue}@%h",
+            f"{args.queue}-{args.index}@%h" if args.queue == "inference" else f"{args.queue}@%h",
             "--without-gossip",
             "--without-mingle",
             "--loglevel",
@@ -430,8 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser(
         "up", help="run the whole system in the foreground (embedded servers by default)"
     )
-    up.add_argument("--inference-workers", type=int, default=1, help="inference worker processes")
-    up.add_argument("--concurrency", type=int, default=2, help="pool size of each inference worker")
+    up.add_argument(
+        "--inference-workers",
+        type=int,
+        default=None,
+        help="inference worker processes (default 2; one per core serves best)",
+    )
+    up.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="pool size of each inference worker (MODELPRINT_INFERENCE_POOL=prefork only; default 2)",
+    )
     up.add_argument("--gateway-workers", type=int, default=1, help="gateway (uvicorn) worker processes")
     up.set_defaults(handler=cmd_up)
 
@@ -493,7 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run a Celery worker for one queue")
     worker.add_argument("queue", choices=["inference", "audit", "scoring", "scans"])
-    worker.add_argument("--concurrency", type=int, default=None)
+    worker.add_argument(
+        "--concurrency", type=int, default=None, help="pool processes (prefork; a solo worker runs one task)"
+    )
+    worker.add_argument(
+        "--index",
+        type=int,
+        default=0,
+        help="number in the node name (inference-N@host): distinct for workers sharing a host",
+    )
     worker.set_defaults(handler=cmd_worker)
 
     commands.add_parser("beat", help="run the auditor's Celery beat scheduler").set_defaults(handler=cmd_beat)

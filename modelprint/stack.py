@@ -61,7 +61,9 @@ class ServiceProcess:
 class StackOptions:
     """What to run beside the servers."""
 
-    inference_workers: int = 1
+    # With the default solo pool each inference worker is one process running one task at a time;
+    # `inference_concurrency` is the pool size of each with MODELPRINT_INFERENCE_POOL=prefork.
+    inference_workers: int = 2
     inference_concurrency: int = 2
     gateway_workers: int = 1
     with_beat: bool = True
@@ -164,7 +166,11 @@ class Stack:
             specs.append(
                 (
                     f"inference-worker-{index + 1}",
-                    [*cli, "worker", "inference", "--concurrency", str(self.options.inference_concurrency)],
+                    [
+                        *cli,
+                        *("worker", "inference", "--index", str(index)),
+                        *("--concurrency", str(self.options.inference_concurrency)),
+                    ],
                 )
             )
         if self.options.with_beat:

@@ -113,7 +113,7 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
     }
     os.environ.update(overrides)
     settings = Settings()
-    stack = Stack(settings, StackOptions(inference_workers=1, inference_concurrency=2, with_beat=True))
+    stack = Stack(settings, StackOptions(with_beat=True))
     try:
         stack.start()
         # In-process calls of service code (tests of tasks and functions) reach the same servers.

@@ -103,7 +103,7 @@ def experiment_stack(
     data_dir = Path(tempfile.mkdtemp(prefix="modelprint-experiment-"))
     own = Settings(data_dir=data_dir, gateway_port=free_port(), auditor_port=free_port())
     assert own.fingerprint_scheme == scheme, own.fingerprint_scheme
-    stack = Stack(own, StackOptions(inference_workers=1, inference_concurrency=2, with_beat=True))
+    stack = Stack(own, StackOptions(with_beat=True))
     print(f"[stack] starting modelprint on {data_dir} (embedded Redis and PostgreSQL unless configured)")
     try:
         stack.start()

@@ -11,7 +11,8 @@ class AuditorSettings(Settings):
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     registry_sync_seconds: float = Field(default=30.0, gt=0)
     audit_concurrency: int = Field(default=1, ge=1)
-    audit_pool: Literal["prefork", "solo"] = "prefork"
+    # As for inference (services/inference/config.py): solo stores in the consuming process itself.
+    audit_pool: Literal["prefork", "solo"] = "solo"
     # Processes of the scoring worker (`modelprint worker scoring`), which runs the suspicion detectors,
     # and its CPU priority (nice value): under CPU contention answering and storing queries come first,
     # and scoring catches up (in large, cheaper blocks) when the load eases.

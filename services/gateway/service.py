@@ -656,6 +656,9 @@ class Dispatcher:
             queue=QUEUE_INFERENCE,
             task_id=job_id,
             serializer=FAST_SERIALIZER,
+            # Each of the job's requests gives up (504) by then: a job still queued, or back in the
+            # queue after its worker died, is discarded unanswered rather than run for nobody.
+            expires=self.timeout,
             # Celery would otherwise format a repr of the rows for the message headers on every job:
             # CPU spent for nothing, and clients' inputs in whatever shows task arguments.
             argsrepr="()",

@@ -8,7 +8,8 @@ from shared.config import Settings
 
 
 class InferenceSettings(Settings):
+    # "solo" (default) runs tasks in the consuming process itself, with no hand-off to a pool child:
+    # less CPU and latency per job; run one worker per core (shared/solo_limits.py gives its tasks
+    # their time limits). "prefork" runs `inference_concurrency` pool children under one consumer.
+    inference_pool: Literal["prefork", "solo"] = "solo"
     inference_concurrency: int = Field(default=2, ge=1)
-    # "solo" runs tasks in the consuming process itself (no hand-off to a pool child, no time limits):
-    # run several workers instead of a pool for more cores.
-    inference_pool: Literal["prefork", "solo"] = "prefork"

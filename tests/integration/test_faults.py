@@ -11,14 +11,17 @@ import signal
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import redis
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import text
 
 from shared import audit_outbox
+from shared.celery_app import create_celery_app
 from shared.db import session_scope
 from shared.names import (
     QUEUE_AUDIT,
@@ -220,12 +223,15 @@ def _try_predict(gateway: object, model: DeployedTestModel) -> dict[str, object]
         return None
 
 
-def test_stalled_inference_worker_gives_504_not_a_hang(
+def test_stalled_inference_workers_give_504_and_the_stale_job_is_discarded(
     running_stack: RunningStack, small_model: DeployedTestModel
 ) -> None:
     stack = running_stack.stack
-    _, gateway, api_key = running_stack.new_client("stall")
-    stack.kill_service("inference-worker-1", signal.SIGSTOP)
+    workers = [service.name for service in stack.services if service.name.startswith("inference-worker")]
+    assert len(workers) == stack.options.inference_workers >= 2
+    client_id, gateway, api_key = running_stack.new_client("stall")
+    for name in workers:
+        stack.kill_service(name, signal.SIGSTOP)
     try:
         started = time.monotonic()
         response = httpx.post(
@@ -235,14 +241,20 @@ def test_stalled_inference_worker_gives_504_not_a_hang(
             timeout=30,
         )
         elapsed = time.monotonic() - started
+        time.sleep(0.5)  # past the job's expiry (sent a window after the request arrived)
     finally:
-        stack.kill_service("inference-worker-1", signal.SIGCONT)
+        for name in workers:
+            stack.kill_service(name, signal.SIGCONT)
     assert response.status_code == 504
     assert "no inference worker answered" in response.json()["error"]
     assert TEST_PREDICT_TIMEOUT - 0.5 < elapsed < TEST_PREDICT_TIMEOUT + 5
     with gateway:
         answer = gateway.predict(small_model.name, small_model.X[:3].tolist())
     assert np.array(answer["predictions"][0]["probabilities"]).shape == (3,)
+    # The job that timed out is not run once the workers resume: only the answered rows are stored.
+    _stored_once(running_stack, client_id, 3, "the 3 answered rows stored")
+    time.sleep(1.0)
+    assert len(_stored_ids(running_stack, client_id)) == 3
 
 
 def test_stalled_scoring_worker_does_not_delay_storing(
@@ -323,3 +335,24 @@ def _query_batch(client_id: int, request_id: str, rows: int) -> dict[str, object
         "label_indices": [2] * rows,
         "labels": ["mid"] * rows,
     }
+
+
+def test_the_default_stack_runs_solo_workers_each_with_its_own_node(running_stack: RunningStack) -> None:
+    """The default: one solo-pool process per inference worker (two), a solo audit worker."""
+    settings = running_stack.settings.model_copy(update={"redis_url": running_stack.stack.redis_url})
+
+    def worker_stats() -> dict[str, Any] | None:
+        celery = create_celery_app(settings, main="test-pools")
+        try:
+            return celery.control.inspect(timeout=2.0).stats()
+        except (KombuOperationalError, redis.ConnectionError):
+            return None  # kombu's process-wide producer pool may hold a connection from before a restart
+        finally:
+            celery.close()
+
+    stats = wait_until(worker_stats, timeout=20, message="the workers' stats")
+    pools = {node.split("@")[0]: info["pool"]["implementation"] for node, info in stats.items()}
+    assert {"inference-0", "inference-1", "audit"} <= pools.keys(), pools
+    for node in ("inference-0", "inference-1", "audit"):
+        assert pools[node].endswith("solo:TaskPool"), pools
+    assert pools["scans"].endswith("prefork:TaskPool")  # a scan's hard time limit stays Celery's own

@@ -182,7 +182,8 @@ def worker_argv(monkeypatch: pytest.MonkeyPatch, queue: str) -> list[str]:
         audit_pool="prefork",
     )
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
-    cli.cmd_worker(argparse.Namespace(queue=queue, concurrency=None), SimpleNamespace(log_level="INFO"))  # type: ignore[arg-type]
+    args = argparse.Namespace(queue=queue, concurrency=None, index=0)
+    cli.cmd_worker(args, SimpleNamespace(log_level="INFO"))  # type: ignore[arg-type]
     assert len(recorded) == 1
     return recorded[0]
 
