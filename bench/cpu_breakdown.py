@@ -97,18 +97,20 @@ def wait_for_audit(server: Server, answered_before: int, answered: int, limit: f
     return time.monotonic() - started
 
 
-def top_functions(raw_profile: Path, top: int) -> list[tuple[float, str]]:
-    """Own-time share of the hottest functions in a py-spy `raw` (collapsed stacks) profile."""
-    own: collections.Counter[str] = collections.Counter()
+def top_functions(raw_profile: Path, top: int, inclusive: bool = False) -> list[tuple[float, str]]:
+    """Share of samples of the hottest functions in a py-spy `raw` (collapsed stacks) profile: by own
+    time, or with `inclusive` by the time they were anywhere on the stack (callees included)."""
+    counted: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw_profile.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
-        own[frames[-1]] += int(count)
+        for frame in set(frames) if inclusive else frames[-1:]:
+            counted[frame] += int(count)
         total += int(count)
-    return [(count / max(1, total), frame) for frame, count in own.most_common(top)]
+    return [(count / max(1, total), frame) for frame, count in counted.most_common(top)]
 
 
 def main() -> None:
@@ -120,6 +122,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--profile", default="", help="roles to profile with py-spy, comma-separated")
     parser.add_argument("--top", type=int, default=20, help="functions listed per profile")
+    parser.add_argument(
+        "--inclusive", action="store_true", help="rank functions by time on the stack, callees included"
+    )
     parser.add_argument("--variant", default="", metavar="NAME:KEY=VALUE,...", help="as in bench.end_to_end")
     args = parse_stack_arguments(parser)
     profiled = [role for role in args.profile.split(",") if role]
@@ -203,7 +208,7 @@ def main() -> None:
                         f"{role:<14} {nice.get(role, 0):>4} {seconds:>7.2f} {seconds / args.seconds:>12.1%}"
                     )
                 print(f"{'all':<14} {'':>4} {total:>7.2f} {total / args.seconds:>12.1%}")
-                print_profiles(spies, args.top)
+                print_profiles(spies, args.top, args.inclusive)
                 return
             per_request, per_row = 1e3 / max(1, result.ok), 1e6 / max(1, result.ok * args.rows)
             print(
@@ -226,17 +231,19 @@ def main() -> None:
                 f"{'all':<14} {'':>4} {total:>7.2f} {'':>6} {total * 1e3 / max(1, result.ok):>15.2f} "
                 f"{total * 1e6 / max(1, result.ok * args.rows):>11.1f}"
             )
-            print_profiles(spies, args.top)
+            print_profiles(spies, args.top, args.inclusive)
 
 
-def print_profiles(spies: list[tuple[str, int, Path, subprocess.Popen[bytes]]], top: int) -> None:
-    """Each py-spy profile's hottest functions by own time."""
+def print_profiles(
+    spies: list[tuple[str, int, Path, subprocess.Popen[bytes]]], top: int, inclusive: bool = False
+) -> None:
+    """Each py-spy profile's hottest functions by own time (or by inclusive time)."""
     for role, pid, output, _ in spies:
         if not output.exists():
             print(f"\n{role} (pid {pid}): no profile (idle, or py-spy lacks permission)")
             continue
-        print(f"\n{role} (pid {pid}): hottest functions by own time")
-        for share, frame in top_functions(output, top):
+        print(f"\n{role} (pid {pid}): hottest functions by {'inclusive' if inclusive else 'own'} time")
+        for share, frame in top_functions(output, top, inclusive):
             print(f"  {share:>6.1%}  {frame}")
 
 

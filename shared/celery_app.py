@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from celery import Celery
 from kombu import Queue
 
@@ -26,10 +28,18 @@ from shared.names import (
 FAST_SERIALIZER = "msgpack"
 
 
-def create_celery_app(settings: Settings, main: str = "modelprint") -> Celery:
-    """A Celery app bound to the settings' Redis, with explicit queues and at-least-once delivery."""
+def create_celery_app(
+    settings: Settings, main: str = "modelprint", no_ack_queues: Collection[str] = ()
+) -> Celery:
+    """A Celery app bound to the settings' Redis, with explicit queues and at-least-once delivery.
+
+    A worker consumes the `no_ack_queues` without acknowledgements: a message is the worker's once
+    taken off the queue, with no record of it kept in Redis until it is acknowledged.
+    """
     app = Celery(main, broker=settings.require_redis_url())
     app.conf.update(
+        # kombu's Redis transport with one client per channel instead of one per operation.
+        broker_transport="shared.kombu_redis:Transport",
         task_serializer="json",
         accept_content=["json", FAST_SERIALIZER],
         result_serializer="json",
@@ -38,7 +48,7 @@ def create_celery_app(settings: Settings, main: str = "modelprint") -> Celery:
         result_backend=None,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_queues=[Queue(name) for name in ALL_QUEUES],
+        task_queues=[Queue(name, no_ack=name in no_ack_queues) for name in ALL_QUEUES],
         task_default_queue=QUEUE_AUDIT,
         task_create_missing_queues=False,
         task_routes={

@@ -659,6 +659,9 @@ class Dispatcher:
             # Each of the job's requests gives up (504) by then: a job still queued, or back in the
             # queue after its worker died, is discarded unanswered rather than run for nobody.
             expires=self.timeout,
+            # No queue declaration per job (kombu copies and binds the queue entity on every publish,
+            # about 85 µs): a job goes straight to the named list, and the workers declare the queue.
+            declare=[],
             # Celery would otherwise format a repr of the rows for the message headers on every job:
             # CPU spent for nothing, and clients' inputs in whatever shows task arguments.
             argsrepr="()",

@@ -18,13 +18,22 @@ from shared.config import Secrets, load_secrets
 from shared.fingerprint import FingerprintScheme, get_scheme
 from shared.gc_tuning import tune_garbage_collector
 from shared.logs import configure_logging
-from shared.names import QUEUE_AUDIT, TASK_DRAIN_AUDIT, TASK_PREDICT
+from shared.names import QUEUE_AUDIT, QUEUE_INFERENCE, TASK_DRAIN_AUDIT, TASK_PREDICT
 from shared.schemas import PredictJob, PredictReplies, PredictReply
 
 logger = logging.getLogger(__name__)
 
 settings = InferenceSettings()
-app = create_celery_app(settings, main="modelprint-inference")
+# A solo worker takes jobs without acknowledgements. Late acknowledgement would put a job back in the
+# queue when its worker died, but only after the visibility timeout (300 s), by when the job has
+# expired (the gateway's timeout, 10 s) and is discarded unrun. The acknowledgement bookkeeping
+# (the whole message copied into a Redis hash, then deleted: two round trips per job) would buy
+# nothing. A prefork worker keeps it: it puts a killed child's job back at once.
+app = create_celery_app(
+    settings,
+    main="modelprint-inference",
+    no_ack_queues=(QUEUE_INFERENCE,) if settings.inference_pool == "solo" else (),
+)
 
 
 @dataclass

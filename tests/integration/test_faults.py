@@ -10,6 +10,7 @@ import json
 import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,7 @@ from shared.celery_app import create_celery_app
 from shared.db import session_scope
 from shared.names import (
     QUEUE_AUDIT,
+    QUEUE_INFERENCE,
     REDIS_AUDIT_OUTBOX,
     REDIS_AUDIT_OUTBOX_INDEX,
     REDIS_AUDIT_OUTBOX_REJECTED,
@@ -341,18 +343,65 @@ def test_the_default_stack_runs_solo_workers_each_with_its_own_node(running_stac
     """The default: one solo-pool process per inference worker (two), a solo audit worker."""
     settings = running_stack.settings.model_copy(update={"redis_url": running_stack.stack.redis_url})
 
-    def worker_stats() -> dict[str, Any] | None:
+    def worker_stats() -> tuple[dict[str, Any], dict[str, Any]] | None:
         celery = create_celery_app(settings, main="test-pools")
         try:
-            return celery.control.inspect(timeout=2.0).stats()
+            inspect = celery.control.inspect(timeout=2.0)
+            stats, queues = inspect.stats(), inspect.active_queues()
+            return (stats, queues) if stats and queues and len(stats) == len(queues) else None
         except (KombuOperationalError, redis.ConnectionError):
             return None  # kombu's process-wide producer pool may hold a connection from before a restart
         finally:
             celery.close()
 
-    stats = wait_until(worker_stats, timeout=20, message="the workers' stats")
+    stats, queues = wait_until(worker_stats, timeout=20, message="the workers' stats")
     pools = {node.split("@")[0]: info["pool"]["implementation"] for node, info in stats.items()}
     assert {"inference-0", "inference-1", "audit"} <= pools.keys(), pools
     for node in ("inference-0", "inference-1", "audit"):
         assert pools[node].endswith("solo:TaskPool"), pools
     assert pools["scans"].endswith("prefork:TaskPool")  # a scan's hard time limit stays Celery's own
+    # Solo inference workers take jobs without acknowledgements; the other queues keep them.
+    no_ack = {
+        (node.split("@")[0], queue["name"]): queue["no_ack"]
+        for node, consumed in queues.items()
+        for queue in consumed
+    }
+    assert no_ack[("inference-0", QUEUE_INFERENCE)], no_ack
+    assert no_ack[("inference-1", QUEUE_INFERENCE)], no_ack
+    assert not no_ack[("audit", QUEUE_AUDIT)], no_ack
+
+
+def test_killed_inference_worker_loses_no_answered_row(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    """A solo inference worker SIGKILLed under load: the other answers on; a request whose job died
+    with the worker gets a 504, never an answer missing from the audit history."""
+    stack = running_stack.stack
+    client_id, _, api_key = running_stack.new_client("killed-inference")
+    url = f"{running_stack.settings.gateway_url}/v1/models/{small_model.name}/predict"
+    statuses: list[int] = []
+    answered = 0
+
+    def send(index: int) -> None:
+        nonlocal answered
+        rows = small_model.X[index % 400 : index % 400 + 2].tolist()
+        response = httpx.post(
+            url, json={"instances": rows}, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+        )
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            answered += len(response.json()["predictions"])
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(send, index) for index in range(120)]
+        wait_until(lambda: len(statuses) >= 20, timeout=30, message="requests answered before the kill")
+        stack.kill_service("inference-worker-1", signal.SIGKILL)
+        stack.restart_service("inference-worker-1")
+        for future in futures:
+            future.result()
+    assert set(statuses) <= {200, 504}, statuses
+    assert statuses.count(504) <= 4, statuses  # at most the job the killed worker was running
+    assert answered == 2 * statuses.count(200)
+    _stored_once(running_stack, client_id, answered, "every answered row stored after the kill")
+    time.sleep(1.0)  # nothing else arrives later (a killed worker's job is not run again)
+    assert len(_stored_ids(running_stack, client_id)) == answered

@@ -1,0 +1,33 @@
+"""kombu's Redis transport, with one Redis client per channel instead of one per operation.
+
+kombu's Redis channel builds a new `redis.Redis` client for every synchronous operation: each publish,
+each acknowledgement, each record of an unacknowledged message. With redis-py 8 building one costs
+about 100 µs of CPU (it copies the table of response callbacks), more than the command itself costs,
+and a prediction job pays it five times on its way through the gateway and the inference worker
+(bench/cpu_breakdown.py's profiles showed it). A client is thread-safe (each command takes a
+connection from the pool), so the channel keeps one for its connection pool and builds it again only
+when kombu replaces the pool (after a disconnect). The asynchronous client kombu's event loop reads
+with is kombu's own, already kept per channel. Selected by `broker_transport` (shared/celery_app.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+
+class Channel(kombu_redis.Channel):
+    _sync_client: Any = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)
+        client = self._sync_client
+        if client is None or client.connection_pool is not self.pool:
+            client = self._sync_client = super()._create_client()
+        return client
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
