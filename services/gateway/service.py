@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import anyio
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from celery import Celery
-from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
+from services.gateway.publisher import JobPublisher
 from shared.celery_app import FAST_SERIALIZER
 from shared.http import ApiError
 from shared.names import (
@@ -446,6 +445,8 @@ class Dispatcher:
         eager_jobs: int = 0,
     ) -> None:
         self.celery = celery
+        # Jobs go out as Celery task messages, pushed with this asyncio client (publisher.py).
+        self.publisher = JobPublisher(celery, redis_client, QUEUE_INFERENCE, FAST_SERIALIZER)
         self.admission = admission
         self.redis = redis_client
         self.timeout = timeout
@@ -649,27 +650,21 @@ class Dispatcher:
             "version": job.model.version,
             "requests": job.requests,
         }
-        send = functools.partial(
-            self.celery.send_task,
-            TASK_PREDICT,
-            kwargs=payload,
-            queue=QUEUE_INFERENCE,
-            task_id=job_id,
-            serializer=FAST_SERIALIZER,
-            # Each of the job's requests gives up (504) by then: a job still queued, or back in the
-            # queue after its worker died, is discarded unanswered rather than run for nobody.
-            expires=self.timeout,
-            # No queue declaration per job (kombu copies and binds the queue entity on every publish,
-            # about 85 µs): a job goes straight to the named list, and the workers declare the queue.
-            declare=[],
-            # Celery would otherwise format a repr of the rows for the message headers on every job:
-            # CPU spent for nothing, and clients' inputs in whatever shows task arguments.
-            argsrepr="()",
-            kwargsrepr=f"{{job {job_id}: {len(job.requests)} requests, {job.rows} rows}}",
-        )
         try:
-            await anyio.to_thread.run_sync(send)
-        except (KombuOperationalError, RedisError, OSError) as exc:
+            message = self.publisher.message(
+                TASK_PREDICT,
+                job_id,
+                payload,
+                # Each of the job's requests gives up (504) by then: a job still queued, or back in
+                # the queue after its worker died, is discarded unanswered rather than run for nobody.
+                expires=self.timeout,
+                argsrepr="()",
+                # Not Celery's repr of the rows: CPU spent for nothing, and clients' inputs in
+                # whatever shows task arguments.
+                kwargsrepr=f"{{job {job_id}: {len(job.requests)} requests, {job.rows} rows}}",
+            )
+            await self.publisher.publish(message)
+        except (RedisError, OSError) as exc:
             logger.warning("could not enqueue a job", extra={"error": str(exc)})
             self._fail(job, ApiError(503, "could not enqueue the request (Redis unavailable); retry shortly"))
         else:
