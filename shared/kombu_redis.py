@@ -2,12 +2,13 @@
 
 kombu's Redis channel builds a new `redis.Redis` client for every synchronous operation: each publish,
 each acknowledgement, each record of an unacknowledged message. With redis-py 8 building one costs
-about 100 µs of CPU (it copies the table of response callbacks), more than the command itself costs,
-and a prediction job pays it five times on its way through the gateway and the inference worker
-(bench/cpu_breakdown.py's profiles showed it). A client is thread-safe (each command takes a
-connection from the pool), so the channel keeps one for its connection pool and builds it again only
-when kombu replaces the pool (after a disconnect). The asynchronous client kombu's event loop reads
-with is kombu's own, already kept per channel. Selected by `broker_transport` (shared/celery_app.py).
+about 100 µs of CPU (it copies the table of response callbacks), more than the command itself costs;
+a task with late acknowledgement paid it twice where it was consumed (its unacknowledged record, its
+ack), and every publish once (bench/cpu_breakdown.py's profiles showed it). A client is thread-safe
+(each command takes a connection from the pool), so the channel keeps one for its connection pool and
+builds it again only when kombu replaces the pool (after a disconnect). The asynchronous client
+kombu's event loop reads with is kombu's own, already kept per channel. Selected by
+`broker_transport` (shared/celery_app.py).
 """
 
 from __future__ import annotations

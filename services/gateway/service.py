@@ -444,7 +444,6 @@ class Dispatcher:
         admission: AdmissionControl | None = None,
         eager_jobs: int = 0,
     ) -> None:
-        self.celery = celery
         # Jobs go out as Celery task messages, pushed with this asyncio client (publisher.py).
         self.publisher = JobPublisher(celery, redis_client, QUEUE_INFERENCE, FAST_SERIALIZER)
         self.admission = admission
