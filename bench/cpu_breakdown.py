@@ -11,6 +11,7 @@ processes during the load and prints each profile's top functions by own time, s
 chosen from a measurement. Usage:
 
     .venv/bin/python -m bench.cpu_breakdown --rows 80 --connections 16 --seconds 15
+    .venv/bin/python -m bench.cpu_breakdown --rows 1 --rate 200 --seconds 20   # open loop
     .venv/bin/python -m bench.cpu_breakdown --rows 80 --profile inference,audit --top 25 \\
         --variant tuned:MODELPRINT_INFERENCE_POOL=solo,MODELPRINT_AUDIT_POOL=solo,INFERENCE_WORKERS=2
 """
@@ -39,7 +40,7 @@ from bench.end_to_end import (
     request_bodies,
     stack_options,
 )
-from bench.loadgen import LoadResult, closed_loop
+from bench.loadgen import LoadResult, closed_loop, open_loop
 from modelprint.training import save_model, save_reference_data, train_ecg_model
 
 ROLES = {
@@ -119,6 +120,9 @@ def main() -> None:
     )
     parser.add_argument("--rows", type=int, default=80, help="rows per request")
     parser.add_argument("--connections", type=int, default=16, help="0: no load, the stack at rest")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="open loop at this many requests/s instead of wrk"
+    )
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--profile", default="", help="roles to profile with py-spy, comma-separated")
     parser.add_argument("--top", type=int, default=20, help="functions listed per profile")
@@ -185,7 +189,9 @@ def main() -> None:
                     spies.append((role, pid, output, spy))
             audited_before = server.audited_rows()
             before = cpu_by_process(processes)
-            if args.connections:
+            if args.rate:
+                result = open_loop(target, args.rate, args.seconds)
+            elif args.connections:
                 result = closed_loop(target, args.connections, args.seconds)
             else:  # the stack at rest: what it costs with no request at all
                 time.sleep(args.seconds)
@@ -200,7 +206,7 @@ def main() -> None:
             for pid, (role, seconds) in after.items():
                 per_role[role] += seconds - before.get(pid, (role, 0.0))[1]
             total = sum(per_role.values())
-            if not args.connections:
+            if not args.connections and not args.rate:
                 print(f"\n{name} at rest for {args.seconds:g} s: CPU by role")
                 print(f"{'role':<14} {'nice':>4} {'CPU s':>7} {'% of a core':>12}")
                 for role, seconds in sorted(per_role.items(), key=lambda item: -item[1]):
@@ -210,12 +216,14 @@ def main() -> None:
                 print(f"{'all':<14} {'':>4} {total:>7.2f} {total / args.seconds:>12.1%}")
                 print_profiles(spies, args.top, args.inclusive)
                 return
+            load = f"open loop {args.rate:g}/s" if args.rate else f"wrk -c{args.connections}"
             per_request, per_row = 1e3 / max(1, result.ok), 1e6 / max(1, result.ok * args.rows)
             print(
-                f"\n{name}: {args.rows}-row requests, wrk -c{args.connections} for {args.seconds:g} s: "
-                f"{result.ok} answered ({result.throughput:.0f}/s, "
+                f"\n{name}: {args.rows}-row requests, {load} for {args.seconds:g} s: {result.ok} answered "
+                f"({result.throughput:.0f}/s, "
                 f"{result.throughput * args.rows:,.0f} rows/s), "
-                f"{result.errors} errors, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms; "
+                f"{result.errors} errors, p50 {result.p50_ms:.1f} ms, p95 {result.p95_ms:.1f} ms, "
+                f"p99 {result.p99_ms:.1f} ms; "
                 f"audit drained {drain:.1f} s after the load"
             )
             print(

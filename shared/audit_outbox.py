@@ -18,11 +18,15 @@ clock so that hosts whose clocks drift apart still agree on what is claimable:
 - `put` (inference worker): the payload into a hash, its id into a sorted set scored by the time it
   becomes claimable (now), and a "drain queued" flag set if absent. The caller enqueues a drain
   task only when it set the flag, so a burst of jobs wakes the auditor once.
-- `claim` (drain task): clear the flag, then take up to `limit` claimable entries (oldest first) and
-  push their score `lease` seconds ahead: another drain, on this host or another, does not take them
-  while this one stores them, and takes them again if this one dies before `remove`. Clearing the
-  flag first means a `put` after the claim queues a new drain, and one before it is in the claim (or
-  in the next, the drain loops until a claim comes back empty).
+- `claim` (drain task): take up to `limit` claimable entries (oldest first) and push their score
+  `lease` seconds ahead: another drain, on this host or another, does not take them while this one
+  stores them, and takes them again if this one dies before `remove`. A claim that finds entries
+  keeps the flag set (and renews its expiry): the drain claims again after storing them, so puts
+  meanwhile need no drain of their own. Only a claim that finds nothing clears the flag, in the same
+  atomic step, so a `put` either is in a claim or comes after the flag is gone and queues a drain.
+  (An earlier version cleared the flag at every claim: each claim of a running drain let the next
+  put queue one more drain task, and under steady load the audit queue grew by thousands of no-op
+  drains a minute, ahead of the registry syncs and webhooks that share the queue.)
 - `remove` (after the commit): forget the stored entries.
 
 A drain task lost from the queue leaves its flag set until it expires (`FLAG_TTL_SECONDS`); a beat
@@ -77,12 +81,12 @@ return flagged
 """
 )
 
-# KEYS: outbox hash, index, flag. ARGV: now, limit, lease seconds.
-# Returns [id1, payload1, id2, payload2, ...]; index entries whose payload is gone are dropped.
+# KEYS: outbox hash, index, flag. ARGV: now, limit, lease seconds, flag TTL.
+# Returns [id1, payload1, id2, payload2, ...]; index entries whose payload is gone are dropped. The flag
+# is renewed when something was claimed and cleared when nothing was.
 _CLAIM_SCRIPT = (
     _NOW
     + """
-redis.call('DEL', KEYS[3])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 local until_ = now + tonumber(ARGV[3])
 local found = {}
@@ -95,6 +99,11 @@ for _, id in ipairs(ids) do
     else
         redis.call('ZREM', KEYS[2], id)
     end
+end
+if #found > 0 then
+    redis.call('SET', KEYS[3], 1, 'EX', tonumber(ARGV[4]))
+else
+    redis.call('DEL', KEYS[3])
 end
 return found
 """
@@ -154,10 +163,13 @@ def claim(
 ) -> list[tuple[str, dict[str, Any]]]:
     """Take up to `limit` claimable messages, oldest first, for `lease_seconds` (see the module doc).
 
-    Returns (outbox id, payload) pairs; an empty list when nothing waits.
+    Returns (outbox id, payload) pairs; an empty list when nothing waits, in which case the "drain
+    queued" flag is cleared (the caller's drain ends: the next put queues another). Otherwise the flag
+    stays set and the caller must claim again once it has stored these.
     """
     keys = [REDIS_AUDIT_OUTBOX, REDIS_AUDIT_OUTBOX_INDEX, REDIS_AUDIT_DRAIN_QUEUED]
-    raw = _run(client, _CLAIM_SCRIPT, keys, [_time(now), limit, repr(float(lease_seconds))])
+    args = [_time(now), limit, repr(float(lease_seconds)), FLAG_TTL_SECONDS]
+    raw = _run(client, _CLAIM_SCRIPT, keys, args)
     return [(_text(raw[i]), msgpack.unpackb(raw[i + 1])) for i in range(0, len(raw), 2)]
 
 
@@ -176,11 +188,6 @@ def remove(commands: redis.Redis, outbox_ids: list[str]) -> None:
     if outbox_ids:
         commands.hdel(REDIS_AUDIT_OUTBOX, *outbox_ids)
         commands.zrem(REDIS_AUDIT_OUTBOX_INDEX, *outbox_ids)
-
-
-def mark_drain_queued(client: redis.Redis) -> bool:
-    """Set the "drain queued" flag; True if it was not set (the caller then queues the drain)."""
-    return bool(client.set(REDIS_AUDIT_DRAIN_QUEUED, 1, nx=True, ex=FLAG_TTL_SECONDS))
 
 
 def reject(client: redis.Redis, outbox_id: str) -> None:

@@ -121,28 +121,33 @@ def _init_worker_process(**_: Any) -> None:
 def drain_audit_outbox() -> int:
     """Store the audit messages waiting in the outbox, several per transaction, until none waits.
 
-    Queued by the inference worker that found no drain queued (shared/audit_outbox.py); it first
-    lingers `audit_drain_linger_ms` for more jobs to join. After `DRAIN_BUDGET_SECONDS` it queues a
-    successor and returns, so that the other tasks of the audit queue (webhooks, the registry sync)
-    get their turn during a long catch-up.
+    Queued by the inference worker that found no drain queued (shared/audit_outbox.py). It lingers
+    `audit_drain_linger_ms` before its first claim, and again after any claim that did not fill a
+    transaction, so that under steady load each transaction holds that long's worth of jobs instead
+    of the one or two answered while the previous one was stored. The drain ends with the claim that
+    finds nothing (which clears the "drain queued" flag); after `DRAIN_BUDGET_SECONDS` it queues a
+    successor and returns instead, so that the other tasks of the audit queue (webhooks, the registry
+    sync) get their turn during a long stretch of load.
     """
     client = registry_client()
     deadline = time.monotonic() + DRAIN_BUDGET_SECONDS
+    linger = settings.audit_drain_linger_ms / 1000
+    limit = settings.audit_drain_messages
     inserted = 0
-    if settings.audit_drain_linger_ms:
+    if linger:
         # Jobs answered meanwhile join this drain (the flag stays set, so they queue no other).
-        time.sleep(settings.audit_drain_linger_ms / 1000)
+        time.sleep(linger)
     while True:
-        entries = audit_outbox.claim(
-            client, settings.audit_drain_messages, settings.audit_outbox_lease_seconds
-        )
+        entries = audit_outbox.claim(client, limit, settings.audit_outbox_lease_seconds)
         if not entries:
             return inserted
         inserted += store_outbox_entries(client, entries)
         if time.monotonic() > deadline:
-            if audit_outbox.mark_drain_queued(client):
-                app.send_task(TASK_DRAIN_AUDIT, queue=QUEUE_AUDIT)
+            # The flag is still set (the claim renewed it): puts queue no drain, so this one hands over.
+            app.send_task(TASK_DRAIN_AUDIT, queue=QUEUE_AUDIT)
             return inserted
+        if linger and len(entries) < limit:
+            time.sleep(linger)
 
 
 def store_outbox_entries(client: redis.Redis, entries: list[tuple[str, dict[str, Any]]]) -> int:

@@ -176,16 +176,22 @@ def test_outbox_claims_oldest_first_under_a_lease_and_asks_for_one_drain_per_bur
     assert not audit_outbox.put(client, "c", _message("c"), now=1002.0)
     assert audit_outbox.pending(client) == 3
     assert audit_outbox.waiting(client, longer_than=5, now=1006.5) == 2  # a and b
-    # A claim takes the oldest, and clears the flag: the next put asks for a drain again.
+    # A claim takes the oldest. The drain claims again once it has stored them, so the flag stays set
+    # (renewed) and a put meanwhile asks for no drain of its own.
     assert audit_outbox.claim(client, limit=2, lease_seconds=30, now=1010.0) == [
         ("a", _message("a")),
         ("b", _message("b")),
     ]
-    assert not client.exists(REDIS_AUDIT_DRAIN_QUEUED)
-    assert audit_outbox.put(client, "d", _message("d"), now=1011.0)
+    assert 0 < client.ttl(REDIS_AUDIT_DRAIN_QUEUED) <= audit_outbox.FLAG_TTL_SECONDS
+    assert not audit_outbox.put(client, "d", _message("d"), now=1011.0)
     # Claimed entries are not claimed again (by this drain or another) during their lease ...
     assert [i for i, _ in audit_outbox.claim(client, limit=10, lease_seconds=30, now=1012.0)] == ["c", "d"]
+    # The claim that finds nothing ends the drain and clears the flag: the next put asks again.
     assert audit_outbox.claim(client, limit=10, lease_seconds=30, now=1020.0) == []
+    assert not client.exists(REDIS_AUDIT_DRAIN_QUEUED)
+    assert audit_outbox.put(client, "e", _message("e"), now=1020.5)
+    assert [i for i, _ in audit_outbox.claim(client, limit=10, lease_seconds=30, now=1020.6)] == ["e"]
+    audit_outbox.remove(client, ["e"])
     assert audit_outbox.waiting(client, longer_than=0, now=1020.0) == 0
     # ... unless their drain gives them back (its transaction failed) ...
     audit_outbox.release(client, ["c"], now=1021.0)

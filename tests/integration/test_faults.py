@@ -405,3 +405,41 @@ def test_killed_inference_worker_loses_no_answered_row(
     _stored_once(running_stack, client_id, answered, "every answered row stored after the kill")
     time.sleep(1.0)  # nothing else arrives later (a killed worker's job is not run again)
     assert len(_stored_ids(running_stack, client_id)) == answered
+
+
+def test_steady_traffic_keeps_one_drain_at_a_time(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    """Under steady traffic the running drain keeps claiming, so jobs answered meanwhile queue no drain
+    of their own: no pile of drain tasks builds up on the audit queue (an earlier protocol let every
+    claim queue another, thousands a minute at 200 requests/s, ahead of registry syncs and webhooks)."""
+    broker = redis.Redis.from_url(running_stack.stack.redis_url or "")
+    client_id, _, api_key = running_stack.new_client("steady")
+    url = f"{running_stack.settings.gateway_url}/v1/models/{small_model.name}/predict"
+    ends = time.monotonic() + 5.0
+    answered = 0
+
+    def send_until_the_end(offset: int) -> None:
+        nonlocal answered
+        with httpx.Client(headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http:
+            index = offset
+            while time.monotonic() < ends:
+                rows = small_model.X[index % 500 : index % 500 + 1].tolist()
+                response = http.post(url, json={"instances": rows})
+                assert response.status_code == 200, response.text
+                answered += 1
+                index += 4
+
+    waiting: list[int] = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        senders = [pool.submit(send_until_the_end, offset) for offset in range(4)]
+        while not all(sender.done() for sender in senders):
+            waiting.append(len(_drain_tasks(broker)))
+            time.sleep(0.05)
+        for sender in senders:
+            sender.result()
+    assert answered >= 100, answered
+    assert max(waiting) <= 2, f"drain tasks waiting on the audit queue during the load: {waiting}"
+    _stored_once(running_stack, client_id, answered, "every answered row stored")
+    wait_until(lambda: not _drain_tasks(broker), 10, "no drain task left waiting once all is stored")
+    broker.close()
