@@ -9,6 +9,11 @@ ack), and every publish once (bench/cpu_breakdown.py's profiles showed it). A cl
 builds it again only when kombu replaces the pool (after a disconnect). The asynchronous client
 kombu's event loop reads with is kombu's own, already kept per channel. Selected by
 `broker_transport` (shared/celery_app.py).
+
+Acknowledging a message taken without acknowledgements (a queue consumed with `no_ack`, as solo
+inference workers do) is a no-op here. Celery acknowledges every task with late acknowledgement
+whatever its queue, and kombu's Redis QoS then removed the message from its unacknowledged records,
+where it never was: a MULTI/ZREM/HDEL/EXEC round trip per job for nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +23,19 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 
 
+class QoS(kombu_redis.QoS):
+    def ack(self, delivery_tag: Any) -> None:
+        # Only messages this channel recorded (consumed with acknowledgements) are in its records.
+        if delivery_tag in self._delivered:
+            super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if delivery_tag in self._delivered:
+            super().reject(delivery_tag, requeue=requeue)
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import redis
+from kombu import Message
 
 from shared.celery_app import create_celery_app
 from shared.config import Settings
 from shared.kombu_redis import Transport
-from shared.names import QUEUE_INFERENCE
+from shared.names import QUEUE_AUDIT, QUEUE_INFERENCE
 from tests.conftest import RunningStack, side_redis_url
 
 pytestmark = pytest.mark.integration
@@ -52,3 +53,49 @@ def test_publishing_builds_one_client_per_channel_and_delivers_every_message(
     assert sorted(message["headers"]["task"] for message in queued) == ["demo.task"] * 50
     side.delete(QUEUE_INFERENCE)
     side.close()
+
+
+def test_acknowledging_sends_nothing_for_a_message_taken_without_acknowledgements(
+    running_stack: RunningStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery acknowledges late-acked tasks whatever their queue; for a queue consumed with no_ack the
+    message was never recorded as unacknowledged, so the acknowledgement must cost no round trip. A
+    queue consumed with acknowledgements still records the message until it is acknowledged."""
+    url = side_redis_url(running_stack)
+    side = redis.Redis.from_url(url)
+    side.delete(QUEUE_INFERENCE, QUEUE_AUDIT, "unacked", "unacked_index")
+    app = create_celery_app(Settings(redis_url=url), main="test-acks", no_ack_queues=(QUEUE_INFERENCE,))
+    pipelines: list[object] = []
+    original_execute = redis.client.Pipeline.execute
+
+    def counting_execute(self: redis.client.Pipeline, *args: object, **kwargs: object) -> object:
+        pipelines.append(self.command_stack[:])
+        return original_execute(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    try:
+        for queue in (QUEUE_INFERENCE, QUEUE_AUDIT):
+            app.send_task("demo.task", kwargs={"queue": queue}, queue=queue)
+        received: dict[str, Message] = {}
+        with app.connection_for_read() as connection:
+            queues = [
+                queue for queue in app.amqp.queues.values() if queue.name in (QUEUE_INFERENCE, QUEUE_AUDIT)
+            ]
+            with connection.Consumer(
+                queues,
+                callbacks=[
+                    lambda body, message: received.update({message.delivery_info["routing_key"]: message})
+                ],
+            ):
+                while len(received) < 2:
+                    connection.drain_events(timeout=5)
+                assert side.hlen("unacked") == 1  # the audit message only
+                monkeypatch.setattr(redis.client.Pipeline, "execute", counting_execute)
+                received[QUEUE_INFERENCE].ack()
+                assert pipelines == []
+                received[QUEUE_AUDIT].ack()
+                assert len(pipelines) == 1
+                assert side.hlen("unacked") == 0
+    finally:
+        app.close()
+        side.delete(QUEUE_INFERENCE, QUEUE_AUDIT, "unacked", "unacked_index")
+        side.close()
