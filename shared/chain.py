@@ -76,14 +76,24 @@ def record_hash(prev_hash: str, record: Mapping[str, Any]) -> str:
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+def _encode_int(value: Any) -> str:
+    # JSON writes an int as its repr; str() gives the same text without the encoder's overhead.
+    return str(value) if type(value) is int else _encode_json(value)
+
+
+_LENGTH = struct.Struct("<I")
+
+
 def link_records(prev_hash: str, first_seq: int, records: list[dict[str, Any]]) -> str:
     """Assign seq, prev_hash and record_hash to records in order; return the new head hash.
 
     Produces exactly `record_hash` for each record, but formats the JSON fields a request's rows
-    share once per request instead of once per row (about 4x faster on an 80-row request).
+    share once per request instead of once per row, and feeds the hash its parts without joining
+    them (about 4x faster than `record_hash` per row on an 80-row request).
     """
     shared_parts: dict[tuple[Any, ...], tuple[str, str, str]] = {}
     labels: dict[str, str] = {}
+    prev_digest = bytes.fromhex(prev_hash)
     for offset, record in enumerate(records):
         seq = first_seq + offset
         record["seq"] = seq
@@ -111,14 +121,19 @@ def link_records(prev_hash: str, first_seq: int, records: list[dict[str, Any]]) 
         if encoded_label is None:
             encoded_label = labels[label] = _encode_json(label)
         header = (
-            f"{parts[0]}{seq}{parts[1]}{_encode_json(record['row_index'])}{parts[2]}"
-            f"{_encode_json(record['label_index'])},{encoded_label}]"
+            f"{parts[0]}{seq}{parts[1]}{_encode_int(record['row_index'])}{parts[2]}"
+            f"{_encode_int(record['label_index'])},{encoded_label}]"
         ).encode()
-        digest = hashlib.sha256(bytes.fromhex(prev_hash))
+        digest = hashlib.sha256(prev_digest)
         digest.update(CHAIN_TAG)
-        digest.update(struct.pack("<I", len(header)))
+        digest.update(_LENGTH.pack(len(header)))
         digest.update(header)
-        digest.update(_floats(record["input"]))
-        digest.update(_floats(record["probabilities"]))
-        prev_hash = record["record_hash"] = digest.hexdigest()
+        for values in (record["input"], record["probabilities"]):
+            if isinstance(values, bytes):
+                digest.update(_LENGTH.pack(len(values) // 8))
+                digest.update(values)
+            else:
+                digest.update(_floats(values))
+        prev_digest = digest.digest()
+        prev_hash = record["record_hash"] = prev_digest.hex()
     return prev_hash
