@@ -99,6 +99,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         window=settings.micro_batch_window_ms / 1000,
         max_job_rows=settings.micro_batch_max_rows,
         eager_jobs=settings.micro_batch_eager_jobs,
+        send_lone=settings.micro_batch_send_lone,
         admission=service.AdmissionControl(settings.audit_lag_target_seconds)
         if settings.audit_lag_target_seconds > 0
         else None,

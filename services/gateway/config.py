@@ -18,6 +18,9 @@ class GatewaySettings(Settings):
     # without waiting for the window. 0 (default): every job waits for its window. 1 lowers latency
     # under light load but makes more, smaller jobs under a closed-loop load (README, Benchmarks).
     micro_batch_eager_jobs: int = Field(default=0, ge=0)
+    # A request is sent at once, without the window, while none of the gateway's jobs awaits a reply
+    # and its last job carried a single request: nothing is coalescing, the window would only delay it.
+    micro_batch_send_lone: bool = True
     # Admission control: when the audit workers report a lag (answer to commit) above this, the gateway
     # paces its intake (rows per second) until they catch up; 0 turns it off.
     audit_lag_target_seconds: float = Field(default=2.0, ge=0)

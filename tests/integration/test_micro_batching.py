@@ -35,6 +35,7 @@ async def _dispatch(
     window: float,
     max_job_rows: int = 1024,
     eager_jobs: int = 0,
+    send_lone: bool = False,
 ) -> tuple[list[PredictReply | BaseException], int]:
     """Send the requests concurrently through a Dispatcher; (replies or errors, jobs sent)."""
     settings = GatewaySettings(redis_url=running_stack.stack.redis_url)
@@ -48,6 +49,7 @@ async def _dispatch(
         window=window,
         max_job_rows=max_job_rows,
         eager_jobs=eager_jobs,
+        send_lone=send_lone,
     )
     await dispatcher.start()
     try:
@@ -139,6 +141,34 @@ def test_with_no_job_in_flight_a_request_leaves_at_once_and_the_window_batches_t
     assert jobs == 2
     assert all(isinstance(reply, PredictReply) and reply.ok for reply in replies)
     wait_until(lambda: running_stack.query_count(client_id) == 13, 30, "the 13 rows stored", interval=0.5)
+
+
+def test_a_lone_request_leaves_at_once_and_a_burst_still_coalesces(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    client_id, _, _ = running_stack.new_client("lone")
+    # Nothing in flight, nothing coalescing: a lone request leaves at once, not after its 2 s window.
+    began = time.monotonic()
+    replies, jobs = asyncio.run(
+        _dispatch(
+            running_stack, small_model.name, [(client_id, small_model.X[:1])], window=2.0, send_lone=True
+        )
+    )
+    assert time.monotonic() - began < 2.0
+    assert (jobs, isinstance(replies[0], PredictReply)) == (1, True)
+    # Without the rule the same request waits for its window.
+    began = time.monotonic()
+    asyncio.run(_dispatch(running_stack, small_model.name, [(client_id, small_model.X[1:2])], window=0.5))
+    assert time.monotonic() - began >= 0.5
+    # A burst of six: the first leaves alone, the other five find its job in flight and leave together
+    # after their window (and their job of five would keep the window for the next request).
+    requests = [(client_id, small_model.X[index : index + 2]) for index in range(6)]
+    replies, jobs = asyncio.run(
+        _dispatch(running_stack, small_model.name, requests, window=0.3, send_lone=True)
+    )
+    assert jobs == 2
+    assert all(isinstance(reply, PredictReply) and reply.ok for reply in replies)
+    wait_until(lambda: running_stack.query_count(client_id) == 14, 30, "the 14 rows stored", interval=0.5)
 
 
 async def _on_side_database(
