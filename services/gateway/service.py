@@ -149,6 +149,70 @@ def parse_json(body: bytes, status: int = 400) -> Any:
         ) from exc
 
 
+_BACKSLASH, _LETTER_U, _LETTER_L = ord("\\"), ord("u"), ord("l")
+# The letters u and l in the text of each JSON literal: true, false, null.
+_LITERAL_LETTERS = {True: (1, 0), False: (0, 1), None: (1, 2)}
+_NUMPY_COUNT_FROM = 16384  # body bytes
+
+
+def may_hold_literals(body: bytes, payload: Any, numbers: Any) -> bool:
+    """Whether the list `numbers` (the parsed request's data) may hold a JSON true, false or null.
+
+    numpy's type inference takes a boolean for a number (1.0 or 0.0), so the gateway may trust it only
+    for data without booleans; proving that by looking at each value costs about 0.3 ms on an 80x80
+    request. Instead: every `true` holds a "u", every `false` an "l", every `null` both, and numbers
+    hold neither. So when the body holds exactly as many u's and l's as the rest of the parsed payload
+    accounts for (its keys, its strings and its literals outside `numbers`), `numbers` holds no
+    literal. That rest is small (names, shape, datatype), and counting the letters takes about 1 µs
+    for a single row and 25 µs for 128 KB. A body with a backslash is not judged (an escape such as
+    \u006c writes a letter the body's text does not hold), nor one without a `numbers` list: both
+    answer True, and the caller checks value by value. Duplicate keys only add text the payload does
+    not show, so they too can only answer True.
+    """
+    if not isinstance(numbers, list):
+        return True
+    counts = _letter_counts(body)
+    if counts is None:
+        return True
+    expected_u = expected_l = 0
+    pending = [payload]
+    while pending:
+        item = pending.pop()
+        if item is numbers:
+            continue
+        if isinstance(item, dict):
+            for key, value in item.items():
+                expected_u += key.count("u")
+                expected_l += key.count("l")
+                pending.append(value)
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            expected_u += item.count("u")
+            expected_l += item.count("l")
+        elif item is None or isinstance(item, bool):
+            letters = _LITERAL_LETTERS[item]
+            expected_u += letters[0]
+            expected_l += letters[1]
+    return counts != (expected_u, expected_l)
+
+
+def _letter_counts(body: bytes) -> tuple[int, int] | None:
+    """The numbers of u's and l's in `body`, or None when it holds a backslash.
+
+    bytes.count is quicker for small bodies (1.3 against 6 µs for a single row), numpy for large ones
+    (25 against 74 µs for 80x80).
+    """
+    if len(body) < _NUMPY_COUNT_FROM:
+        if b"\\" in body:
+            return None
+        return body.count(b"u"), body.count(b"l")
+    text = np.frombuffer(body, dtype=np.uint8)
+    if np.any(text == _BACKSLASH):
+        return None
+    return int(np.count_nonzero(text == _LETTER_U)), int(np.count_nonzero(text == _LETTER_L))
+
+
 def check_finite(array: np.ndarray, status: int) -> None:
     """Refuse rows with NaN or infinite values (e.g. 1e999), naming the first bad row."""
     finite_rows = np.isfinite(array).all(axis=1)
@@ -175,11 +239,11 @@ def rows_to_array(
 ) -> np.ndarray:
     """Validate v1 `instances` (a list of equal-length rows of numbers) and return them as float64.
 
-    `may_hold_booleans` is False when the request body has no `true` or `false` anywhere: then numpy's
-    type inference alone tells numbers from anything else, since a string, a null, an object, or a
-    ragged or nested row each gives another dtype or shape; the row-by-row check (about 30 ns a value,
-    0.2 ms for 80 rows of 80) then runs only to name the problem. A boolean among numbers would pass
-    numpy as 1.0 or 0.0, hence the flag.
+    `may_hold_booleans` is False when `instances` hold no `true` or `false` (`may_hold_literals`):
+    then numpy's type inference alone tells numbers from anything else, since a string, a null, an
+    object, or a ragged or nested row each gives another dtype or shape; the row-by-row check (about
+    30 ns a value, 0.2 ms for 80 rows of 80) then runs only to name the problem. A boolean among
+    numbers would pass numpy as 1.0 or 0.0, hence the flag.
     """
     if not isinstance(instances, list):
         raise ApiError(422, "'instances' must be a list of rows, each a list of numbers")
@@ -211,6 +275,14 @@ def rows_to_array(
 
 
 V2_DATATYPES = {"FP32": np.float32, "FP64": np.float64}
+
+
+def v2_data(body: Any) -> Any:
+    """The data list of an Open Inference Protocol request's single input, if it is shaped so."""
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    if isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict):
+        return inputs[0].get("data")
+    return None
 
 
 def v2_inputs_to_array(

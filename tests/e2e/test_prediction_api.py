@@ -222,6 +222,31 @@ BAD_V2_BODIES = [
         {"inputs": [{"name": "x", "shape": [1, 6], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 1e300]}]},
         "infinite",
     ),
+    pytest.param(
+        {"inputs": [{"name": "x", "shape": [1, 6], "datatype": "FP64", "data": [0.5, 2, 3, 4, 5, True]}]},
+        "not a number",
+        id="true-in-floats",
+    ),
+    pytest.param(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [2, 6],
+                    "datatype": "FP64",
+                    "data": [[1, False, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]],
+                }
+            ],
+            "outputs": [{"name": "predict_proba"}],
+        },
+        "not a number",
+        id="false-in-nested-rows",
+    ),
+    pytest.param(
+        {"inputs": [{"name": "x", "shape": [1, 6], "datatype": "FP64", "data": [0.5, None, 3, 4, 5, 6]}]},
+        "not a number",
+        id="null-in-floats",
+    ),
 ]
 
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 
-from services.gateway.service import parse_json, rows_to_array, v2_inputs_to_array
+from services.gateway.service import (
+    may_hold_literals,
+    parse_json,
+    rows_to_array,
+    v2_data,
+    v2_inputs_to_array,
+)
 from shared.http import ApiError
 from shared.schemas import DeployedModel
 
@@ -134,3 +141,91 @@ def test_parse_json_refuses_nan_and_garbage() -> None:
     with pytest.raises(ApiError, match="empty request body"):
         parse_json(b"")
     assert parse_json(b'{"instances": [[1]]}') == {"instances": [[1]]}
+
+
+def _v2_body(data: object, **extra: object) -> tuple[bytes, object]:
+    payload = {"inputs": [{"name": "input-0", "shape": [2, 3], "datatype": "FP64", "data": data}], **extra}
+    return orjson.dumps(payload), payload
+
+
+@pytest.mark.parametrize(
+    ("data", "extra", "expected"),
+    [
+        # The benchmarks' body: "inputs" and "outputs" hold a "u", "label"-like keys an "l", none in data.
+        ([0.5, -1.25e-7, 3, 4, 5, 6.0], {"outputs": [{"name": "predict_proba"}]}, False),
+        ([[1.5, 2, 3], [4, 5, 6]], {"parameters": {"flag": True, "level": None, "off": False}}, False),
+        ([1, 2, 3, 4, 5, True], {}, True),
+        ([1, 2, 3, 4, 5, False], {"outputs": [{"name": "predict_proba"}]}, True),
+        ([1, 2, 3, 4, 5, None], {}, True),
+        ([[1, 2, 3], [4, False, 6]], {}, True),
+        ([1, 2, 3, 4, 5, "u"], {}, True),
+        ([1, 2, 3, 4, 5, "abc"], {}, False),  # no literal: numpy's inference then refuses the string
+    ],
+)
+def test_may_hold_literals_counts_the_letters_the_rest_of_the_body_explains(
+    data: list[object], extra: dict[str, object], expected: bool
+) -> None:
+    body, payload = _v2_body(data, **extra)
+    assert may_hold_literals(body, payload, v2_data(payload)) is expected
+
+
+def test_may_hold_literals_does_not_judge_escapes_duplicate_keys_or_missing_data() -> None:
+    # An escaped "l" in a key would hide the "l" of a false among the numbers: bodies with escapes
+    # are always checked value by value.
+    body = (
+        b'{"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP64", "\\u006c": 1,'
+        b' "data": [1, 2, 3, 4, 5, false]}]}'
+    )
+    payload = orjson.loads(body)
+    assert may_hold_literals(body, payload, v2_data(payload))
+    body = (
+        b'{"inputs": [{"name": "x\\u0020", "shape": [2, 3], "datatype": "FP64", "data": [1, 2, 3, 4, 5, 6]}]}'
+    )
+    payload = orjson.loads(body)
+    assert may_hold_literals(body, payload, v2_data(payload))  # not judged, though it holds no literal
+    # A repeated key: the body holds a true the parsed payload no longer shows.
+    body = (
+        b'{"inputs": [{"data": [true]}],'
+        b' "inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP64", "data": [1]}]}'
+    )
+    payload = orjson.loads(body)
+    assert may_hold_literals(body, payload, v2_data(payload))
+    assert may_hold_literals(b'{"inputs": 3}', {"inputs": 3}, None)
+    v1 = b'{"instances": [[1, 2.5, 3]], "parameters": {"x": null}}'
+    assert not may_hold_literals(v1, orjson.loads(v1), orjson.loads(v1)["instances"])
+
+
+def test_may_hold_literals_never_misses_a_literal_among_random_numbers() -> None:
+    """Seeded random bodies: whenever the check answers False, the data holds no true, false or null."""
+    rng = np.random.default_rng(11)
+    keys = ["outputs", "label", "url", "null", "value"]
+    answered_false = 0
+    for _ in range(2000):
+        data: list[object] = rng.normal(size=int(rng.integers(1, 30))).tolist()
+        for _ in range(int(rng.integers(0, 3))):
+            data[int(rng.integers(0, len(data)))] = [True, False, None, "lu", 7][int(rng.integers(0, 5))]
+        extra = {str(rng.choice(keys)): [True, None, "ul", 1.5][int(rng.integers(0, 4))]}
+        body, payload = _v2_body(data, **extra)
+        holds_literal = any(value is None or isinstance(value, bool) for value in data)
+        if not may_hold_literals(body, payload, v2_data(payload)):
+            answered_false += 1
+            assert not holds_literal, body
+        elif not holds_literal and not any(isinstance(value, str) for value in data):
+            raise AssertionError(f"a body with no literal among its numbers was not trusted: {body!r}")
+    assert answered_false > 200  # the fast answer is actually given
+
+
+@pytest.mark.parametrize("literal", [True, False, None])
+def test_may_hold_literals_on_large_bodies(literal: object) -> None:
+    """Bodies from 16 KB on are counted with numpy: the same answers as for small ones."""
+    data: list[object] = np.random.default_rng(3).normal(size=6400).tolist()
+    body, payload = _v2_body(data, outputs=[{"name": "predict_proba"}])
+    assert len(body) > 16384
+    assert not may_hold_literals(body, payload, v2_data(payload))
+    data[4321] = literal
+    body, payload = _v2_body(data)
+    assert may_hold_literals(body, payload, v2_data(payload))
+    data[4321] = 0.5
+    body = orjson.dumps(payload).replace(b'"input-0"', b'"input\\u002d0"')
+    parsed = orjson.loads(body)
+    assert may_hold_literals(body, parsed, v2_data(parsed))  # an escape: not judged
