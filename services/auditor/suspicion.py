@@ -33,19 +33,25 @@ class ProfileCache:
 
     def get(self, session: Session, model_name: str) -> tuple[int, ReferenceProfile] | None:
         """The newest version of the model that has reference data, and its profile."""
-        version = session.execute(
-            select(ModelVersion.version, ModelVersion.reference_data)
+        # The version alone first: the reference data (a megabyte or more) is read once per process.
+        newest = (
+            select(ModelVersion.id, ModelVersion.version)
             .join(Model, Model.id == ModelVersion.model_id)
             .where(Model.name == model_name, ModelVersion.reference_data.is_not(None))
             .order_by(ModelVersion.version.desc())
             .limit(1)
-        ).first()
+        )
+        version = session.execute(newest).first()
         if version is None:
             return None
         key = (model_name, int(version.version))
         with self._lock:
             if key not in self._profiles:
-                with np.load(io.BytesIO(version.reference_data), allow_pickle=False) as archive:
+                reference_data = session.scalar(
+                    select(ModelVersion.reference_data).where(ModelVersion.id == version.id)
+                )
+                assert reference_data is not None
+                with np.load(io.BytesIO(reference_data), allow_pickle=False) as archive:
                     self._profiles[key] = ReferenceProfile.from_reference(
                         np.asarray(archive["X"], dtype=np.float64)
                     )
@@ -108,20 +114,7 @@ def score_client(session: Session, client_id: int, profiles: ProfileCache) -> li
             if (model_name, detector.name) in states
         ]
         start_id = min(last_ids) if len(last_ids) == len(detectors) else 0
-        rows = session.execute(
-            select(QueryRecord.id, QueryRecord.input, QueryRecord.label_index)
-            .where(
-                QueryRecord.client_id == client_id,
-                QueryRecord.model_name == model_name,
-                QueryRecord.id > start_id,
-            )
-            .order_by(QueryRecord.id)
-            .limit(MAX_ROWS_PER_JOB)
-        ).all()
-        ids = np.fromiter((row.id for row in rows), dtype=np.int64, count=len(rows))
-        joined = b"".join(row.input for row in rows)
-        all_inputs = np.frombuffer(joined, dtype="<f8").reshape(len(rows), -1 if rows else 0)
-        all_labels = np.fromiter((row.label_index for row in rows), dtype=np.int64, count=len(rows))
+        ids, all_inputs, all_labels = _new_rows(session, client_id, model_name, start_id)
         results = []
         for detector in detectors:
             state = states.get((model_name, detector.name))
@@ -129,7 +122,7 @@ def score_client(session: Session, client_id: int, profiles: ProfileCache) -> li
             # The rows are in id order: this detector's new ones are a suffix (usually all of them;
             # the detectors share one set of rows instead of each rebuilding its own).
             first = int(np.searchsorted(ids, last_id, side="right"))
-            if first == len(rows):
+            if first == ids.size:
                 if state is not None:
                     results.append(_stored_result(state))
                 continue
@@ -140,6 +133,37 @@ def score_client(session: Session, client_id: int, profiles: ProfileCache) -> li
             results.append(result)
         scores.append(ModelScore(model_name, results))
     return scores
+
+
+_NEW_ROWS_SQL = (
+    "SELECT id, input, label_index FROM query_records"
+    " WHERE client_id = %s AND model_name = %s AND id > %s ORDER BY id LIMIT %s"
+)
+
+
+def _new_rows(
+    session: Session, client_id: int, model_name: str, after_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ids, inputs and label indices of up to MAX_ROWS_PER_JOB of the client's rows after `after_id`.
+
+    Read with a binary cursor inside the session's transaction: the inputs arrive as the stored bytes
+    rather than hex text PostgreSQL encodes and the driver decodes, and the rows as plain tuples:
+    2.6 against 5.6 µs per row for 20,000 rows, 8 against 12 for 1,600 (wall time, both sides).
+    """
+    connection = session.connection().connection.driver_connection
+    assert connection is not None
+    with connection.cursor(binary=True) as cursor:
+        cursor.execute(_NEW_ROWS_SQL, (client_id, model_name, after_id, MAX_ROWS_PER_JOB))
+        rows = cursor.fetchall()
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+    ids, inputs, labels = zip(*rows, strict=True)
+    joined = b"".join(inputs)
+    return (
+        np.array(ids, dtype=np.int64),
+        np.frombuffer(joined, dtype="<f8").reshape(len(rows), -1),
+        np.array(labels, dtype=np.int64),
+    )
 
 
 def _stored_result(state: SuspicionState) -> DetectorResult:
