@@ -1,12 +1,21 @@
-"""The compiled near-duplicate kernel against the numpy formulation it replaced (bit for bit)."""
+"""The compiled detector kernels against the numpy and Python formulations they replaced (bit for bit)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from scipy import stats
 
 from services.auditor.detector_kernels import nearest_earlier
-from services.auditor.detectors import REPEAT_TOLERANCE_SQUARED, squared_distances
+from services.auditor.detectors import (
+    REPEAT_TOLERANCE,
+    REPEAT_TOLERANCE_SQUARED,
+    PradaDetector,
+    ReferenceProfile,
+    squared_distances,
+)
 
 
 def numpy_nearest_earlier(candidates: np.ndarray, first: int, history: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,3 +67,101 @@ def test_kernel_equals_numpy(earlier: int, new: int, history: int, features: int
     assert got[1].any(), "the data must contain repeats"
     if earlier == 0:
         assert got[0][0] == np.inf, "the very first query has nothing before it"
+
+
+class PythonLoopPrada(PradaDetector):
+    """PRADA with the growing-set rule as the Python loop that `grow_members` replaced."""
+
+    def _grow_class(self, arrays: dict[str, np.ndarray], c: int, Zc: np.ndarray) -> tuple[np.ndarray, int]:
+        k = self._class_index(arrays, c)
+        old = arrays[f"members_{c}"].astype(np.float64)
+        n_old, n = old.shape[0], Zc.shape[0]
+        to_old = squared_distances(Zc, old) if n_old else np.zeros((n, 0))
+        to_new = squared_distances(Zc, Zc)
+        joined = np.empty(n, dtype=np.int64)
+        n_joined = old_start = joined_start = 0
+        count, mean = int(arrays["join_count"][k]), float(arrays["join_mean"][k])
+        m2, T = float(arrays["join_m2"][k]), float(arrays["threshold"][k])
+        d_out = np.full(n, np.nan)
+        repeats = 0
+        for i in range(n):
+            active = (n_old - old_start) + (n_joined - joined_start)
+            if active == 0:
+                d = 0.0
+            else:
+                d = math.inf
+                if old_start < n_old:
+                    d = float(to_old[i, old_start:].min())
+                if joined_start < n_joined:
+                    d = min(d, float(to_new[i, joined[joined_start:n_joined]].min()))
+                d = math.sqrt(d)
+                if d <= REPEAT_TOLERANCE:
+                    repeats += 1
+                    continue
+                d_out[i] = d
+            if active == 0 or d > T:
+                joined[n_joined] = i
+                n_joined += 1
+                count += 1
+                step = d - mean
+                mean += step / count
+                m2 += step * (d - mean)
+                T = max(T, mean - math.sqrt(m2 / count))
+                if active + 1 > self.max_members:
+                    if old_start < n_old:
+                        old_start += 1
+                    else:
+                        joined_start += 1
+        arrays["join_count"][k], arrays["join_mean"][k] = count, mean
+        arrays["join_m2"][k], arrays["threshold"][k] = m2, T
+        arrays[f"members_{c}"] = np.concatenate([old[old_start:], Zc[joined[joined_start:n_joined]]]).astype(
+            np.float32
+        )
+        return d_out, repeats
+
+
+@pytest.mark.parametrize(("max_members", "features", "classes"), [(1000, 80, 4), (7, 3, 3), (1, 5, 2)])
+def test_prada_kernel_equals_python_loop(max_members: int, features: int, classes: int) -> None:
+    """The same stream through both: equal states (bytes) and results after every update.
+
+    The stream mixes fresh queries, exact and near repeats of earlier ones and a slowly growing
+    cluster, in updates of uneven sizes, with member sets small enough to evict (FIFO).
+    """
+    rng = np.random.default_rng(max_members + features)
+    profile = ReferenceProfile.from_reference(rng.normal(size=(400, features)))
+    compiled = PradaDetector(profile, max_members=max_members, max_distances=300)
+    python = PythonLoopPrada(profile, max_members=max_members, max_distances=300)
+    state_c: bytes | None = None
+    state_p: bytes | None = None
+    history = rng.normal(size=(1, features))
+    for size in (1, 2, 37, 80, 5, 300, 80, 1):
+        rows = rng.normal(size=(size, features)) * rng.choice([0.01, 1.0, 3.0], size=(size, 1))
+        pick = rng.random(size)
+        earlier = history[rng.integers(0, history.shape[0], size)]
+        rows = np.where((pick < 0.15)[:, None], earlier, rows)  # exact repeats
+        rows = np.where(((pick >= 0.15) & (pick < 0.25))[:, None], earlier + 1e-6, rows)  # near repeats
+        labels = rng.integers(0, classes, size)
+        state_c, result_c = compiled.update(state_c, rows, labels)
+        state_p, result_p = python.update(state_p, rows, labels)
+        assert state_c == state_p
+        assert result_c == result_p
+        history = np.vstack([history, rows])
+    # The stream exercised repeats, the normality checks and, with small member sets, evictions.
+    details = result_c.details
+    assert details["repeats"] > 0
+    assert details["checks"] > 0
+    if max_members < 100:
+        assert details["growing_set_size"] == max_members * details["classes"]
+
+
+@pytest.mark.parametrize("size", [3, 4, 5, 11, 50, 51, 1000, 4999, 5000])
+def test_shapiro_statistic_equals_scipy(size: int) -> None:
+    """scipy's routine called directly gives stats.shapiro's W bit for bit (normal, skewed, tied data)."""
+    from services.auditor import detectors
+
+    assert detectors._swilk is not None, "scipy moved its Shapiro-Wilk routine: update shapiro_statistic"
+    rng = np.random.default_rng(size)
+    for sample in (rng.normal(size=size), rng.lognormal(size=size), np.round(rng.normal(size=size), 1) + 5):
+        if np.ptp(sample) == 0:
+            continue
+        assert detectors.shapiro_statistic(sample) == float(stats.shapiro(sample).statistic)
