@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint, text
@@ -53,6 +54,48 @@ def test_storing_a_batch_twice_inserts_it_once(running_stack: RunningStack) -> N
     with session_scope(database_url) as session:
         assert service.store_query_batch(session, batch).inserted == 0
         assert service.count_queries(session, client_id) == 7
+
+
+def test_binary_copy_types_match_the_table_and_store_values_exactly(running_stack: RunningStack) -> None:
+    """The binary COPY's declared types are the table's, and awkward text and floats come back as sent."""
+    client_id, _, _ = running_stack.new_client("binary-copy")
+    database_url = running_stack.stack.database_url or ""
+    with session_scope(database_url) as session:
+        table = dict(
+            session.execute(
+                text(
+                    "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute"
+                    " WHERE attrelid = 'query_records'::regclass AND attnum > 0 AND NOT attisdropped"
+                )
+            ).all()
+        )
+    names = {"character varying": "varchar", "integer": "int4", "bigint": "int8", "text": "text"}
+    names |= {"timestamp with time zone": "timestamptz", "bytea": "bytea"}
+    assert {column: names[table[column]] for column, _ in service.QUERY_RECORD_COLUMN_TYPES} == dict(
+        service.QUERY_RECORD_COLUMN_TYPES
+    )
+    batch = _batch(client_id, rows=3).model_copy(
+        update={
+            "inputs": [[1e-308, -0.0, 1 / 3, 2.5e300, -7.0, 1.0]] * 3,
+            "labels": ["tab\there", "back\\slash\\N", "newline\nand é"],
+        }
+    )
+    with session_scope(database_url) as session:
+        assert service.store_query_batch(session, batch).inserted == 3
+    with session_scope(database_url) as session:
+        stored = session.execute(
+            text(
+                "SELECT row_index, input, label, answered_at, request_id FROM query_records"
+                " WHERE client_id = :client_id ORDER BY row_index"
+            ),
+            {"client_id": client_id},
+        ).all()
+    assert [row.label for row in stored] == batch.labels
+    assert [np.frombuffer(row.input, dtype="<f8").tolist() for row in stored] == np.asarray(
+        batch.inputs
+    ).tolist()
+    assert {row.answered_at for row in stored} == {batch.answered_at}
+    assert {row.request_id for row in stored} == {batch.request_id}
 
 
 def test_registry_sync_repairs_a_wiped_redis(
