@@ -14,10 +14,10 @@ tests/integration/test_job_publisher.py checks that a message published here and
 from __future__ import annotations
 
 import base64
-import json
 import uuid
 from typing import Any
 
+import orjson
 from celery import Celery
 from kombu.serialization import dumps as serialize
 from redis import asyncio as aioredis
@@ -45,8 +45,13 @@ class JobPublisher:
         expires: float,
         argsrepr: str,
         kwargsrepr: str,
-    ) -> str:
-        """The message `send_task(task, kwargs=..., queue=..., task_id=..., expires=...)` would push."""
+    ) -> bytes:
+        """The message `send_task(task, kwargs=..., queue=..., task_id=..., expires=...)` would push.
+
+        The envelope is JSON as kombu writes it, encoded with orjson: the standard library's encoder
+        scanned the base64 body (68 KB for 80 rows of 80 features) for characters to escape and took
+        about 8% of the gateway's CPU under batch-80 load (py-spy).
+        """
         headers, properties, body, _ = self.celery.amqp.create_task_message(
             task_id,
             task,
@@ -79,8 +84,8 @@ class JobPublisher:
             "headers": headers,
             "properties": properties,
         }
-        return json.dumps(envelope)
+        return orjson.dumps(envelope)
 
-    async def publish(self, message: str) -> None:
+    async def publish(self, message: bytes) -> None:
         """Push a message from `message` onto the queue (RedisError when Redis is unreachable)."""
         await self.redis.lpush(self.queue, message)
