@@ -202,9 +202,14 @@ def main() -> None:
             nice = {role_of(process): process.nice() for process in processes_after.values()}
             for _, _, _, spy in spies:
                 spy.wait(timeout=args.seconds + 60)
+            sessions = server.database_sessions() if server.database_sessions else {}
             per_role: dict[str, float] = collections.defaultdict(float)
+            per_session: dict[str, float] = collections.defaultdict(float)
             for pid, (role, seconds) in after.items():
-                per_role[role] += seconds - before.get(pid, (role, 0.0))[1]
+                used = seconds - before.get(pid, (role, 0.0))[1]
+                per_role[role] += used
+                if role == "postgresql":
+                    per_session[sessions.get(pid, "postmaster")] += used
             total = sum(per_role.values())
             if not args.connections and not args.rate:
                 print(f"\n{name} at rest for {args.seconds:g} s: CPU by role")
@@ -239,7 +244,24 @@ def main() -> None:
                 f"{'all':<14} {'':>4} {total:>7.2f} {'':>6} {total * 1e3 / max(1, result.ok):>15.2f} "
                 f"{total * 1e6 / max(1, result.ok * args.rows):>11.1f}"
             )
+            print_postgresql_split(per_session, per_role["postgresql"], per_request, per_row)
             print_profiles(spies, args.top, args.inclusive)
+
+
+def print_postgresql_split(
+    per_session: dict[str, float], total: float, per_request: float, per_row: float
+) -> None:
+    """PostgreSQL's CPU by whose session it served (application_name: "modelprint audit-worker", the
+    benchmark's own "bench" polling) or by server process (checkpointer, walwriter, ...)."""
+    if not per_session or total <= 0:
+        return
+    heading = f"{'PostgreSQL by session':<34} {'CPU s':>7} {'share':>6}"
+    print(f"\n{heading} {'CPU ms/request':>15} {'CPU us/row':>11}")
+    for session, seconds in sorted(per_session.items(), key=lambda item: -item[1]):
+        print(
+            f"{session:<34} {seconds:>7.2f} {seconds / total:>6.0%} "
+            f"{seconds * per_request:>15.2f} {seconds * per_row:>11.1f}"
+        )
 
 
 def print_profiles(

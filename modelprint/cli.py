@@ -663,6 +663,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command in ("serve", "worker", "beat"):
         limit_blas_threads(settings.blas_threads)
+    if args.command in ("serve", "worker", "beat"):
+        from shared.db import set_application_name  # sqlalchemy: not for the quick commands
+
+        set_application_name(service_name.get(args.command, args.command))
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
     from modelprint.client import ApiCallError
     from modelprint.stack import AlreadyRunningError

@@ -218,10 +218,28 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+_application_name = "modelprint"
+
+
+def set_application_name(service: str) -> None:
+    """Name this process's PostgreSQL sessions after its service ("modelprint audit-worker"), so that
+    `pg_stat_activity` and the server's logs show which service holds a connection, lock or query.
+    Call it before the first engine is made: engines are cached per process."""
+    global _application_name
+    _application_name = f"modelprint {service}"[:63]  # PostgreSQL keeps at most 63 bytes
+    get_engine.cache_clear()
+
+
 @lru_cache(maxsize=8)
 def get_engine(database_url: str) -> Engine:
     """One pooled engine per URL and process."""
-    return create_engine(database_url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return create_engine(
+        database_url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=10,
+        connect_args={"application_name": _application_name},
+    )
 
 
 def session_factory(database_url: str) -> sessionmaker[Session]:

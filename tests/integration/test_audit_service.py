@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from collections.abc import Iterator
@@ -54,6 +55,42 @@ def test_storing_a_batch_twice_inserts_it_once(running_stack: RunningStack) -> N
     with session_scope(database_url) as session:
         assert service.store_query_batch(session, batch).inserted == 0
         assert service.count_queries(session, client_id) == 7
+
+
+def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+def test_redelivery_probe_uses_the_unique_index_on_a_large_unanalysed_table(
+    running_stack: RunningStack,
+) -> None:
+    """The check for already stored requests stays one index probe per request on a table that
+    autovacuum has not analysed yet (the state of a fresh deployment under load), and finds exactly
+    the stored requests. A temporary query_records (searched before the real one) holds 240,000
+    rows and no statistics; `request_id IN (...)`, the check it replaced, scans all of it."""
+    database_url = running_stack.stack.database_url or ""
+    with session_scope(database_url) as session:
+        session.execute(text("CREATE TEMP TABLE query_records (LIKE public.query_records INCLUDING ALL)"))
+        session.execute(
+            text(
+                "INSERT INTO query_records (request_id, row_index, client_id, model_name, model_version,"
+                " scheme, key_id, answered_at, input, probabilities, label_index, label, seq, prev_hash,"
+                " record_hash) SELECT md5((i / 80)::text), i % 80, 1, 'm', 1, 's', 'k', now(), '', '', 0,"
+                " 'x', i, '', '' FROM generate_series(0, 239999) AS i"
+            )
+        )
+        stored_ids = [hashlib.md5(str(i).encode()).hexdigest() for i in (0, 17, 2999)]  # noqa: S324
+        probed = stored_ids + [uuid.uuid4().hex for _ in range(27)]
+        plan = session.execute(
+            text(f"EXPLAIN (FORMAT JSON) {service.STORED_REQUESTS.text}"), {"request_ids": probed}
+        ).scalar_one()[0]["Plan"]
+        nodes = [node for node in _plan_nodes(plan) if node.get("Relation Name") == "query_records"]
+        assert nodes, plan
+        assert {node["Node Type"] for node in nodes} <= {"Index Scan", "Index Only Scan"}, plan
+        assert service.stored_requests(session, probed) == set(stored_ids)
+        session.rollback()
 
 
 def test_binary_copy_types_match_the_table_and_store_values_exactly(running_stack: RunningStack) -> None:
