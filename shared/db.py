@@ -98,6 +98,8 @@ class QueryRecord(Base):
         UniqueConstraint("request_id", "row_index", name="uq_query_records_request_id_row_index"),
         UniqueConstraint("client_id", "seq", name="uq_query_records_client_id_seq"),
         Index("ix_query_records_client_id_id", "client_id", "id"),
+        # Scoring reads a client's new rows of one model in id order, and lists the client's models.
+        Index("ix_query_records_client_id_model_name_id", "client_id", "model_name", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from services.auditor.detectors import DetectorResult, ReferenceProfile, default_detectors
-from shared.db import Client, ClientChain, Model, ModelVersion, QueryRecord, SuspicionState
+from shared.db import Client, ClientChain, Model, ModelVersion, SuspicionState
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +90,7 @@ def score_client(session: Session, client_id: int, profiles: ProfileCache) -> li
         (state.model_name, state.detector): state
         for state in session.scalars(select(SuspicionState).where(SuspicionState.client_id == client_id))
     }
-    # The models with stored state, and those of the rows since the oldest state's last row: a range
-    # scan of the new rows only (the client's whole history grows without bound). A model whose rows
-    # all predate that point and that never had state (no reference data then) is scored from its
-    # first row once the client queries it again.
-    watermark = min((state.last_record_id for state in states.values()), default=0)
-    new_models = session.scalars(
-        select(QueryRecord.model_name)
-        .where(QueryRecord.client_id == client_id, QueryRecord.id > watermark)
-        .distinct()
-    )
-    model_names = sorted({model_name for model_name, _ in states} | set(new_models))
+    model_names = _client_models(session, client_id)
     scores = []
     for model_name in model_names:
         profile_entry = profiles.get(session, model_name)
@@ -133,6 +123,31 @@ def score_client(session: Session, client_id: int, profiles: ProfileCache) -> li
             results.append(result)
         scores.append(ModelScore(model_name, results))
     return scores
+
+
+# The models a client has queried, in name order: one probe of ix_query_records_client_id_model_name_id
+# per model (a loose index scan), however long the history. The query it replaced listed the distinct
+# models of the rows after the oldest state's last row, reading every one of them: the whole backlog
+# of a client whose scoring had fallen behind, on every job.
+_CLIENT_MODELS_SQL = (
+    "WITH RECURSIVE models(name) AS ("
+    " (SELECT model_name FROM query_records WHERE client_id = %(client)s ORDER BY model_name LIMIT 1)"
+    " UNION ALL"
+    " SELECT (SELECT q.model_name FROM query_records q"
+    "  WHERE q.client_id = %(client)s AND q.model_name > m.name ORDER BY q.model_name LIMIT 1)"
+    " FROM models m WHERE m.name IS NOT NULL"
+    ") SELECT name FROM models WHERE name IS NOT NULL"
+)
+
+
+def _client_models(session: Session, client_id: int) -> list[str]:
+    """The names of the models the client has queried (a model without reference data is skipped by
+    the caller, and scored from its first row once it has some)."""
+    connection = session.connection().connection.driver_connection
+    assert connection is not None
+    with connection.cursor() as cursor:
+        cursor.execute(_CLIENT_MODELS_SQL, {"client": client_id})
+        return [str(name) for (name,) in cursor.fetchall()]
 
 
 _NEW_ROWS_SQL = (

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import redis
 from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint, text
+from sqlalchemy.orm import Session
 
-from services.auditor import service
+from services.auditor import service, suspicion
 from shared import audit_outbox
 from shared.db import QueryRecord, session_scope
 from shared.names import (
@@ -63,24 +64,46 @@ def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _plan_nodes(child)
 
 
+def _unanalysed_query_records(session: Session, rows: int = 240_000) -> None:
+    """A temporary query_records, searched before the real one for the rest of the transaction: the
+    real one's columns and indexes, `rows` rows and no statistics (autovacuum never analyses temporary
+    tables), as a fresh deployment's table is under load until autovacuum's first analysis. Rows come
+    80 to a request (request_id = md5 of the request number); even requests belong to client 1, which
+    queries models "ecg-a" and "ecg-b" in turn, odd ones to client 2 and "ecg-c"."""
+    session.execute(
+        text("CREATE TEMP TABLE query_records (LIKE public.query_records INCLUDING ALL) ON COMMIT DROP")
+    )
+    session.execute(
+        text(
+            "INSERT INTO query_records (id, request_id, row_index, client_id, model_name, model_version,"
+            " scheme, key_id, answered_at, input, probabilities, label_index, label, seq, prev_hash,"
+            " record_hash) SELECT i + 1, md5((i / 80)::text), i % 80, 1 + (i / 80) % 2,"
+            " CASE WHEN (i / 80) % 2 = 1 THEN 'ecg-c' WHEN (i / 160) % 2 = 0 THEN 'ecg-a' ELSE 'ecg-b' END,"
+            " 1, 's', 'k', now(), int8send(i), '', 0, 'x', i, '', '' FROM generate_series(0, :last) AS i"
+        ),
+        {"last": rows - 1},
+    )
+
+
+def _plan_scans(session: Session, sql: str, parameters: dict[str, Any] | tuple[Any, ...]) -> list[str]:
+    """The node types of the query's plan, outermost first (EXPLAIN on the session's connection)."""
+    connection = session.connection().connection.driver_connection
+    assert connection is not None
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", parameters)
+        row = cursor.fetchone()
+    assert row is not None
+    return [node["Node Type"] for node in _plan_nodes(row[0][0]["Plan"])]
+
+
 def test_redelivery_probe_uses_the_unique_index_on_a_large_unanalysed_table(
     running_stack: RunningStack,
 ) -> None:
     """The check for already stored requests stays one index probe per request on a table that
-    autovacuum has not analysed yet (the state of a fresh deployment under load), and finds exactly
-    the stored requests. A temporary query_records (searched before the real one) holds 240,000
-    rows and no statistics; `request_id IN (...)`, the check it replaced, scans all of it."""
-    database_url = running_stack.stack.database_url or ""
-    with session_scope(database_url) as session:
-        session.execute(text("CREATE TEMP TABLE query_records (LIKE public.query_records INCLUDING ALL)"))
-        session.execute(
-            text(
-                "INSERT INTO query_records (request_id, row_index, client_id, model_name, model_version,"
-                " scheme, key_id, answered_at, input, probabilities, label_index, label, seq, prev_hash,"
-                " record_hash) SELECT md5((i / 80)::text), i % 80, 1, 'm', 1, 's', 'k', now(), '', '', 0,"
-                " 'x', i, '', '' FROM generate_series(0, 239999) AS i"
-            )
-        )
+    autovacuum has not analysed yet, and finds exactly the stored requests. `request_id IN (...)`,
+    the check it replaced, is planned there as a sequential scan of the whole table."""
+    with session_scope(running_stack.stack.database_url or "") as session:
+        _unanalysed_query_records(session)
         stored_ids = [hashlib.md5(str(i).encode()).hexdigest() for i in (0, 17, 2999)]  # noqa: S324
         probed = stored_ids + [uuid.uuid4().hex for _ in range(27)]
         plan = session.execute(
@@ -90,6 +113,33 @@ def test_redelivery_probe_uses_the_unique_index_on_a_large_unanalysed_table(
         assert nodes, plan
         assert {node["Node Type"] for node in nodes} <= {"Index Scan", "Index Only Scan"}, plan
         assert service.stored_requests(session, probed) == set(stored_ids)
+        session.rollback()
+
+
+def test_scoring_reads_stop_at_their_limit_on_a_large_unanalysed_table(running_stack: RunningStack) -> None:
+    """Scoring lists a client's models and reads a block of one model's new rows by ordered index
+    scans, neither reading the rest of the backlog nor sorting it, on a table that autovacuum has not
+    analysed yet. (Before the (client_id, model_name, id) index, the block read was planned as a
+    bitmap scan of the client's whole backlog and a sort spilled to disk; the model list read every
+    new row.)"""
+    with session_scope(running_stack.stack.database_url or "") as session:
+        _unanalysed_query_records(session)
+        models_plan = _plan_scans(session, suspicion._CLIENT_MODELS_SQL, {"client": 1})
+        assert "Seq Scan" not in models_plan, models_plan
+        assert "Sort" not in models_plan, models_plan
+        assert "Bitmap Heap Scan" not in models_plan, models_plan
+        assert suspicion._client_models(session, 1) == ["ecg-a", "ecg-b"]
+        assert suspicion._client_models(session, 2) == ["ecg-c"]
+        assert suspicion._client_models(session, 3) == []
+
+        after, limit = 1000, suspicion.MAX_ROWS_PER_JOB
+        rows_plan = _plan_scans(session, suspicion._NEW_ROWS_SQL, (1, "ecg-b", after, limit))
+        assert rows_plan == ["Limit", "Index Scan"], rows_plan
+        ids, inputs, _ = suspicion._new_rows(session, 1, "ecg-b", after)
+        # Client 1's "ecg-b" rows: requests 2, 6, 10, ... (i / 80 = 2 mod 4), ids i + 1.
+        expected = [i + 1 for i in range(240_000) if (i // 80) % 4 == 2 and i + 1 > after][:limit]
+        assert ids.tolist() == expected
+        assert inputs.shape == (limit, 1)
         session.rollback()
 
 
@@ -205,7 +255,8 @@ def test_detector_states_are_stored_without_compression(running_stack: RunningSt
 
 def test_query_records_carry_only_the_indexes_in_use(running_stack: RunningStack) -> None:
     # Each index costs PostgreSQL CPU on every stored row; migration 0005 dropped the answer-time one,
-    # which no query used. The schema the migrations build matches the models' declaration.
+    # which no query used, and 0006 added the one scoring reads by. The schema the migrations build
+    # matches the models' declaration.
     with session_scope(running_stack.stack.database_url or "") as session:
         indexes = set(
             session.execute(
@@ -226,6 +277,7 @@ def test_query_records_carry_only_the_indexes_in_use(running_stack: RunningStack
             "uq_query_records_request_id_row_index",
             "uq_query_records_client_id_seq",
             "ix_query_records_client_id_id",
+            "ix_query_records_client_id_model_name_id",
         }
     )
 
