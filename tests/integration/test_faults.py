@@ -456,25 +456,22 @@ def test_killed_inference_worker_loses_no_answered_row(
     client_id, _, api_key = running_stack.new_client("killed-inference")
     url = f"{running_stack.settings.gateway_url}/v1/models/{small_model.name}/predict"
     statuses: list[int] = []
-    answered = 0
 
-    def send(index: int) -> None:
-        nonlocal answered
+    def send(index: int) -> int:
+        """The rows answered (each sender returns its own: `+=` on a shared count races)."""
         rows = small_model.X[index % 400 : index % 400 + 2].tolist()
         response = httpx.post(
             url, json={"instances": rows}, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
         )
-        statuses.append(response.status_code)
-        if response.status_code == 200:
-            answered += len(response.json()["predictions"])
+        statuses.append(response.status_code)  # list.append is atomic
+        return len(response.json()["predictions"]) if response.status_code == 200 else 0
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = [pool.submit(send, index) for index in range(120)]
         wait_until(lambda: len(statuses) >= 20, timeout=30, message="requests answered before the kill")
         stack.kill_service("inference-worker-1", signal.SIGKILL)
         stack.restart_service("inference-worker-1")
-        for future in futures:
-            future.result()
+        answered = sum(future.result() for future in futures)
     assert set(statuses) <= {200, 504}, statuses
     assert statuses.count(504) <= 4, statuses  # at most the job the killed worker was running
     assert answered == 2 * statuses.count(200)
@@ -493,10 +490,10 @@ def test_steady_traffic_keeps_one_drain_at_a_time(
     client_id, _, api_key = running_stack.new_client("steady")
     url = f"{running_stack.settings.gateway_url}/v1/models/{small_model.name}/predict"
     ends = time.monotonic() + 5.0
-    answered = 0
 
-    def send_until_the_end(offset: int) -> None:
-        nonlocal answered
+    def send_until_the_end(offset: int) -> int:
+        """The requests this sender had answered (summed after: `+=` on a shared count races)."""
+        answered = 0
         with httpx.Client(headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http:
             index = offset
             while time.monotonic() < ends:
@@ -505,6 +502,7 @@ def test_steady_traffic_keeps_one_drain_at_a_time(
                 assert response.status_code == 200, response.text
                 answered += 1
                 index += 4
+        return answered
 
     waiting: list[int] = []
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -512,8 +510,7 @@ def test_steady_traffic_keeps_one_drain_at_a_time(
         while not all(sender.done() for sender in senders):
             waiting.append(len(_drain_tasks(broker)))
             time.sleep(0.05)  # deliberate: the period at which the queue is sampled during the load
-        for sender in senders:
-            sender.result()
+        answered = sum(sender.result() for sender in senders)
     assert answered >= 100, answered
     assert max(waiting) <= 2, f"drain tasks waiting on the audit queue during the load: {waiting}"
     _stored_once(running_stack, client_id, answered, "every answered row stored")
