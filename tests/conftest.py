@@ -6,6 +6,7 @@ except the servers and the deployed models built here.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -47,6 +48,20 @@ def wait_until(condition: Callable[[], T], timeout: float, message: str, interva
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s: {message}")
         time.sleep(interval)
+
+
+async def async_wait_until(
+    condition: Callable[[], T], timeout: float, message: str, interval: float = 0.1
+) -> T:
+    """`wait_until` inside a coroutine: awaits between polls, so the event loop runs meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s: {message}")
+        await asyncio.sleep(interval)
 
 
 @dataclass

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +34,8 @@ from shared.names import (
     REDIS_AUDIT_OUTBOX_REJECTED,
     REDIS_SCORING_PENDING_PREFIX,
     TASK_DRAIN_AUDIT,
+    TASK_PREDICT,
+    TASK_RECORD_QUERIES,
 )
 from tests.conftest import (
     TEST_PREDICT_TIMEOUT,
@@ -85,6 +89,38 @@ def _drain_tasks(broker: redis.Redis) -> list[bytes]:
     ]
 
 
+def _storing_tasks_outstanding(broker: redis.Redis) -> set[str]:
+    """Ids of the audit tasks that store rows and are queued, or delivered and not yet acknowledged.
+
+    A delivered task stays in kombu's "unacked" hash until its worker acknowledges it after running
+    (late acks); a killed worker's stay there until the visibility timeout returns them to the queue.
+    """
+    with broker.pipeline(transaction=True) as pipe:  # the queue and the hash as of one moment
+        pipe.lrange(QUEUE_AUDIT, 0, -1)
+        pipe.hvals("unacked")
+        queued, unacked = pipe.execute()
+    messages = [json.loads(message) for message in queued] + [json.loads(entry)[0] for entry in unacked]
+    return {
+        message["headers"]["id"]
+        for message in messages
+        if message.get("headers", {}).get("task") in (TASK_DRAIN_AUDIT, TASK_RECORD_QUERIES)
+    }
+
+
+def _have_run(broker: redis.Redis, task_ids: set[str]) -> Callable[[], bool]:
+    """A condition: none of these tasks is queued or unacknowledged, at two polls in a row (a message
+    that a worker has taken off the queue and not yet entered in "unacked" is briefly in neither)."""
+    clear_before = False
+
+    def condition() -> bool:
+        nonlocal clear_before
+        clear = not task_ids & _storing_tasks_outstanding(broker)
+        settled, clear_before = clear_before and clear, clear
+        return settled
+
+    return condition
+
+
 def _claimed(broker: redis.Redis) -> int:
     """Outbox messages a drain holds (their claimable time pushed into the future)."""
     seconds, microseconds = broker.time()
@@ -110,11 +146,18 @@ def test_killed_audit_worker_loses_and_doubles_nothing(
         0.005,
     )
     stack.kill_service("audit-worker", signal.SIGKILL)
+    outstanding = _storing_tasks_outstanding(broker)  # queued, or held by the killed workers
     stack.restart_service("audit-worker")
     _stored_once(running_stack, client_id, 300, "all 300 answered rows stored after the worker was killed")
     wait_until(lambda: audit_outbox.pending(broker) == 0, 30, "the outbox emptied once all is stored")
-    # Wait two visibility timeouts: any redelivery of a task the killed worker held has happened.
-    time.sleep(2 * TEST_VISIBILITY_TIMEOUT)
+    # The tasks the killed workers held return to the queue after the visibility timeout and run
+    # again: wait until every one outstanding at the kill has run and been acknowledged.
+    wait_until(
+        _have_run(broker, outstanding),
+        6 * TEST_VISIBILITY_TIMEOUT,
+        f"the {len(outstanding)} storing tasks outstanding at the kill redelivered and run",
+        0.2,
+    )
     stored = _stored_ids(running_stack, client_id)
     assert len(stored) == 300
     assert len(set(stored)) == 300
@@ -200,10 +243,15 @@ def test_redis_restart_keeps_queued_audit_messages(
     # time) when Redis goes away exits with kombu's "'NoneType' object has no attribute 'hostname'"
     # while it restores them; the message is not lost (it returns to its queue after the visibility
     # timeout). `modelprint up` and compose restart the worker; here the test does what they do.
+    # That happens when the worker notices the lost connection, before it reconnects: wait until it
+    # has exited, or answers a ping through the new Redis (it is past that point).
     scoring_worker = stack.service("scoring-worker")
-    deadline = time.monotonic() + 15
-    while scoring_worker.exited() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(
+        lambda: scoring_worker.exited() is not None or _answers_ping(running_stack, "scoring"),
+        30,
+        "the scoring worker exited or reconnected after Redis restarted",
+        0.2,
+    )
     if scoring_worker.exited() is not None:
         stack.restart_service("scoring-worker")
     _stored_once(running_stack, client_id, 40, "the 40 rows queued before Redis restarted")
@@ -216,6 +264,29 @@ def test_redis_restart_keeps_queued_audit_messages(
             message="a prediction after Redis restarted",
         )
     assert len(answer["predictions"]) == 2
+
+
+def _answers_ping(running_stack: RunningStack, worker: str) -> bool:
+    """Whether the Celery worker named `worker@<host>` answers a ping now."""
+    settings = running_stack.settings.model_copy(update={"redis_url": running_stack.stack.redis_url})
+    node = f"{worker}@{socket.gethostname()}"
+    celery = create_celery_app(settings, main="test-ping")
+    try:
+        return bool(celery.control.ping(destination=[node], timeout=1.0, limit=1))
+    except (KombuOperationalError, redis.ConnectionError):
+        return False
+    finally:
+        celery.close()
+
+
+def _expired_jobs_discarded(running_stack: RunningStack, log_offsets: dict[str, int]) -> int:
+    """Inference jobs discarded as expired since the offsets of the workers' logs (Celery logs each)."""
+    discarded = 0
+    for name, offset in log_offsets.items():
+        with running_stack.stack.service(name).log_path.open("rb") as log:
+            log.seek(offset)
+            discarded += log.read().count(f"Discarding revoked task: {TASK_PREDICT}[".encode())
+    return discarded
 
 
 def _try_predict(gateway: object, model: DeployedTestModel) -> dict[str, object] | None:
@@ -232,6 +303,7 @@ def test_stalled_inference_workers_give_504_and_the_stale_job_is_discarded(
     workers = [service.name for service in stack.services if service.name.startswith("inference-worker")]
     assert len(workers) == stack.options.inference_workers >= 2
     client_id, gateway, api_key = running_stack.new_client("stall")
+    log_offsets = {name: stack.service(name).log_path.stat().st_size for name in workers}
     for name in workers:
         stack.kill_service(name, signal.SIGSTOP)
     try:
@@ -255,7 +327,11 @@ def test_stalled_inference_workers_give_504_and_the_stale_job_is_discarded(
     assert np.array(answer["predictions"][0]["probabilities"]).shape == (3,)
     # The job that timed out is not run once the workers resume: only the answered rows are stored.
     _stored_once(running_stack, client_id, 3, "the 3 answered rows stored")
-    time.sleep(1.0)
+    wait_until(
+        lambda: _expired_jobs_discarded(running_stack, log_offsets) >= 1,
+        30,
+        "the worker that takes the timed-out job discarding it as expired",
+    )
     assert len(_stored_ids(running_stack, client_id)) == 3
 
 
@@ -380,25 +456,22 @@ def test_killed_inference_worker_loses_no_answered_row(
     client_id, _, api_key = running_stack.new_client("killed-inference")
     url = f"{running_stack.settings.gateway_url}/v1/models/{small_model.name}/predict"
     statuses: list[int] = []
-    answered = 0
 
-    def send(index: int) -> None:
-        nonlocal answered
+    def send(index: int) -> int:
+        """The rows answered (each sender returns its own: `+=` on a shared count races)."""
         rows = small_model.X[index % 400 : index % 400 + 2].tolist()
         response = httpx.post(
             url, json={"instances": rows}, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
         )
-        statuses.append(response.status_code)
-        if response.status_code == 200:
-            answered += len(response.json()["predictions"])
+        statuses.append(response.status_code)  # list.append is atomic
+        return len(response.json()["predictions"]) if response.status_code == 200 else 0
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = [pool.submit(send, index) for index in range(120)]
         wait_until(lambda: len(statuses) >= 20, timeout=30, message="requests answered before the kill")
         stack.kill_service("inference-worker-1", signal.SIGKILL)
         stack.restart_service("inference-worker-1")
-        for future in futures:
-            future.result()
+        answered = sum(future.result() for future in futures)
     assert set(statuses) <= {200, 504}, statuses
     assert statuses.count(504) <= 4, statuses  # at most the job the killed worker was running
     assert answered == 2 * statuses.count(200)
@@ -417,10 +490,10 @@ def test_steady_traffic_keeps_one_drain_at_a_time(
     client_id, _, api_key = running_stack.new_client("steady")
     url = f"{running_stack.settings.gateway_url}/v1/models/{small_model.name}/predict"
     ends = time.monotonic() + 5.0
-    answered = 0
 
-    def send_until_the_end(offset: int) -> None:
-        nonlocal answered
+    def send_until_the_end(offset: int) -> int:
+        """The requests this sender had answered (summed after: `+=` on a shared count races)."""
+        answered = 0
         with httpx.Client(headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http:
             index = offset
             while time.monotonic() < ends:
@@ -429,15 +502,15 @@ def test_steady_traffic_keeps_one_drain_at_a_time(
                 assert response.status_code == 200, response.text
                 answered += 1
                 index += 4
+        return answered
 
     waiting: list[int] = []
     with ThreadPoolExecutor(max_workers=4) as pool:
         senders = [pool.submit(send_until_the_end, offset) for offset in range(4)]
         while not all(sender.done() for sender in senders):
             waiting.append(len(_drain_tasks(broker)))
-            time.sleep(0.05)
-        for sender in senders:
-            sender.result()
+            time.sleep(0.05)  # deliberate: the period at which the queue is sampled during the load
+        answered = sum(sender.result() for sender in senders)
     assert answered >= 100, answered
     assert max(waiting) <= 2, f"drain tasks waiting on the audit queue during the load: {waiting}"
     _stored_once(running_stack, client_id, answered, "every answered row stored")

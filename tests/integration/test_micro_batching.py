@@ -23,7 +23,7 @@ from shared.http import ApiError
 from shared.names import QUEUE_INFERENCE, REDIS_API_KEYS, REDIS_AUDIT_LAG, REDIS_MODELS
 from shared.schemas import ClientIdentity, DeployedModel, PredictReply
 from shared.security import hash_api_key
-from tests.conftest import DeployedTestModel, RunningStack, side_redis_url, wait_until
+from tests.conftest import DeployedTestModel, RunningStack, async_wait_until, side_redis_url, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -325,10 +325,7 @@ def test_admission_control_paces_requests_while_the_audit_trail_is_behind(
         await dispatcher.start()
         try:
             model = await deployed_model(redis_client, small_model.name)
-            for _ in range(40):
-                if admission.rate is not None:
-                    break
-                await asyncio.sleep(0.1)
+            await async_wait_until(lambda: admission.rate is not None, 4, "the gateway pacing its intake")
             assert admission.lag == 30.0
             assert admission.rate == 20.0  # nothing was let in lately: the floor
             started = time.monotonic()
@@ -337,11 +334,7 @@ def test_admission_control_paces_requests_while_the_audit_trail_is_behind(
             assert all(isinstance(reply, PredictReply) and reply.ok for reply in paced)
             jobs_while_behind = dispatcher.jobs_sent
             await redis_client.hdel(REDIS_AUDIT_LAG, report_field)
-            for _ in range(100):
-                if admission.rate is None:
-                    break
-                await asyncio.sleep(0.1)
-            assert admission.rate is None
+            await async_wait_until(lambda: admission.rate is None, 10, "the pacing lifted")
             released = await _predict_all(dispatcher, model, requests)
             assert all(isinstance(reply, PredictReply) and reply.ok for reply in released)
             return jobs_while_behind, paced_seconds, dispatcher.jobs_sent - jobs_while_behind

@@ -8,6 +8,7 @@ import pytest
 
 from services.gateway.service import AdmissionControl, audit_lag
 from shared.http import ApiError
+from tests.conftest import async_wait_until
 
 
 def test_audit_lag_takes_the_largest_recent_report() -> None:
@@ -63,12 +64,12 @@ def test_paced_requests_are_let_in_together_per_tick() -> None:
         control.observe(10.0, now=0.0)
         assert control.rate == pytest.approx(100.0)  # nothing measured yet: the floor
         waiting = [asyncio.create_task(control.admit(4, timeout=5.0)) for _ in range(6)]
-        await asyncio.sleep(0.01)
+        await async_wait_until(lambda: len(control._waiting) == 6, 1, "the six requests waiting", 0.001)
         control.release_due()  # one tick: 10 rows of budget
-        await asyncio.sleep(0.01)
+        await async_wait_until(lambda: all(t.done() for t in waiting[:3]), 1, "three let in", 0.001)
         assert [task.done() for task in waiting] == [True, True, True, False, False, False]
         control.release_due()  # the third request overdrew the budget by 2: 8 rows left
-        await asyncio.sleep(0.01)
+        await async_wait_until(lambda: all(t.done() for t in waiting[:5]), 1, "two more let in", 0.001)
         assert [task.done() for task in waiting] == [True, True, True, True, True, False]
         assert control.admitted_rows == 20
 
@@ -86,7 +87,7 @@ def test_a_request_gets_503_at_its_deadline_and_the_rest_when_lifted() -> None:
         assert refused.value.headers == {"Retry-After": "1"}
         assert control.refused == 1
         waiting = [asyncio.create_task(control.admit(100, timeout=5.0)) for _ in range(5)]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # deliberate: no tick runs here, so none may be let in meanwhile
         assert not any(task.done() for task in waiting)
         control.observe(None, now=1.0)  # the auditor caught up: everything waiting is let in
         await asyncio.wait_for(asyncio.gather(*waiting), timeout=1.0)
@@ -94,7 +95,7 @@ def test_a_request_gets_503_at_its_deadline_and_the_rest_when_lifted() -> None:
         stopping = ApiError(503, "stopping")
         control.observe(10.0, now=2.0)
         last = asyncio.create_task(control.admit(10, timeout=5.0))
-        await asyncio.sleep(0.01)
+        await async_wait_until(lambda: len(control._waiting) == 1, 1, "the last request waiting", 0.001)
         control.abandon(stopping)
         with pytest.raises(ApiError, match="stopping"):
             await last

@@ -16,6 +16,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import task_postrun, task_prerun
 
 from shared.solo_limits import HARD_LIMIT_EXIT_CODE, SoloTimeLimits, enforce_time_limits, task_limits
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def test_the_soft_limit_interrupts_a_blocked_task(limits: tuple[SoloTimeLimits, 
     started = time.monotonic()
     solo.task_started("t1", "demo.sleep", soft=0.2, hard=None)
     with pytest.raises(SoftTimeLimitExceeded, match="demo.sleep"):
-        time.sleep(5)
+        time.sleep(5)  # deliberate: the blocked task that the soft limit must interrupt at 0.2 s
     solo.task_finished("t1")
     assert 0.15 < time.monotonic() - started < 2
     assert exits == []
@@ -58,9 +59,7 @@ def test_the_hard_limit_ends_the_process_and_names_the_task(
     solo, exits = limits
     started = time.monotonic()
     solo.task_started("t1", "demo.stuck", soft=None, hard=0.3)
-    deadline = time.monotonic() + 5
-    while not exits and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: exits, 5, "the hard limit to end the process", interval=0.01)
     assert exits == [HARD_LIMIT_EXIT_CODE]
     assert 0.25 < time.monotonic() - started < 3
     [record] = [record for record in caplog.records if record.name == "shared.solo_limits"]
@@ -70,7 +69,7 @@ def test_the_hard_limit_ends_the_process_and_names_the_task(
     # The next task is watched afresh.
     solo.task_started("t2", "demo.next", soft=None, hard=10)
     solo.task_finished("t2")
-    time.sleep(0.1)
+    time.sleep(0.1)  # deliberate: a stretch in which nothing may fire again (no event to wait for)
     assert exits == [HARD_LIMIT_EXIT_CODE]
 
 
@@ -119,7 +118,7 @@ def test_a_real_process_over_its_hard_limit_exits_and_says_why() -> None:
         enforce_time_limits()
         task_prerun.send(sender=stuck, task_id="job-1", task=stuck, args=(), kwargs={})
         try:
-            time.sleep(10)
+            time.sleep(10)  # deliberate: the blocked task that the soft limit must interrupt
         except SoftTimeLimitExceeded:
             print("soft limit reached", flush=True)
         time.sleep(10)  # a task that ignores its soft limit
