@@ -37,6 +37,7 @@ from bench.end_to_end import (
     modelprint_server,
     parse_stack_arguments,
     parse_variant,
+    process_cpu_seconds,
     request_bodies,
     stack_options,
 )
@@ -80,8 +81,7 @@ def cpu_by_process(processes: dict[int, psutil.Process]) -> dict[int, tuple[str,
     sample: dict[int, tuple[str, float]] = {}
     for pid, process in processes.items():
         try:
-            times = process.cpu_times()
-            sample[pid] = (role_of(process), times.user + times.system)
+            sample[pid] = (role_of(process), process_cpu_seconds(process))
         except psutil.Error:
             continue
     return sample

@@ -27,6 +27,7 @@ import yaml
 from celery.utils.nodenames import host_format
 
 from modelprint import cli
+from shared import embedded
 from shared.config import SecretsError, check_secret_strength
 
 REPO = Path(__file__).resolve().parents[2]
@@ -270,6 +271,10 @@ def test_redis_and_postgres_images_and_health() -> None:
     assert postgres["image"] == "postgres:16"
     assert "--appendonly" in redis["command"]
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    # The embedded Redis's persistence settings, in production too.
+    assert redis["command"][redis["command"].index("--save") + 1] == ""
+    rewrite_size = redis["command"][redis["command"].index("--auto-aof-rewrite-min-size") + 1]
+    assert rewrite_size == embedded.AOF_REWRITE_MIN_SIZE
     assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
     assert "pg_isready" in postgres["healthcheck"]["test"]
     env = environment(postgres)
