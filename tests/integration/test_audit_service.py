@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 import uuid
 from collections.abc import Iterator
@@ -64,12 +65,15 @@ def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _plan_nodes(child)
 
 
-def _unanalysed_query_records(session: Session, rows: int = 240_000) -> None:
+def _unanalysed_query_records(
+    session: Session, rows: int = 240_000, clients: tuple[int, int] = (1, 2)
+) -> None:
     """A temporary query_records, searched before the real one for the rest of the transaction: the
     real one's columns and indexes, `rows` rows and no statistics (autovacuum never analyses temporary
     tables), as a fresh deployment's table is under load until autovacuum's first analysis. Rows come
-    80 to a request (request_id = md5 of the request number); even requests belong to client 1, which
-    queries models "ecg-a" and "ecg-b" in turn, odd ones to client 2 and "ecg-c"."""
+    80 to a request (request_id = md5 of the request number); even requests belong to the first
+    client, which queries models "ecg-a" and "ecg-b" in turn, odd ones to the second and "ecg-c".
+    Row i has id i + 1; its seq counts the client's rows from 1."""
     session.execute(
         text("CREATE TEMP TABLE query_records (LIKE public.query_records INCLUDING ALL) ON COMMIT DROP")
     )
@@ -77,11 +81,13 @@ def _unanalysed_query_records(session: Session, rows: int = 240_000) -> None:
         text(
             "INSERT INTO query_records (id, request_id, row_index, client_id, model_name, model_version,"
             " scheme, key_id, answered_at, input, probabilities, label_index, label, seq, prev_hash,"
-            " record_hash) SELECT i + 1, md5((i / 80)::text), i % 80, 1 + (i / 80) % 2,"
+            " record_hash) SELECT i + 1, md5((i / 80)::text), i % 80,"
+            " CASE WHEN (i / 80) % 2 = 0 THEN :first ELSE :second END,"
             " CASE WHEN (i / 80) % 2 = 1 THEN 'ecg-c' WHEN (i / 160) % 2 = 0 THEN 'ecg-a' ELSE 'ecg-b' END,"
-            " 1, 's', 'k', now(), int8send(i), '', 0, 'x', i, '', '' FROM generate_series(0, :last) AS i"
+            " 1, 's', 'k', now(), int8send(i), '', 0, 'x', (i / 160) * 80 + i % 80 + 1, '', ''"
+            " FROM generate_series(0, :last) AS i"
         ),
-        {"last": rows - 1},
+        {"last": rows - 1, "first": clients[0], "second": clients[1]},
     )
 
 
@@ -140,6 +146,37 @@ def test_scoring_reads_stop_at_their_limit_on_a_large_unanalysed_table(running_s
         expected = [i + 1 for i in range(240_000) if (i // 80) % 4 == 2 and i + 1 > after][:limit]
         assert ids.tolist() == expected
         assert inputs.shape == (limit, 1)
+        session.rollback()
+
+
+def _heap_blocks_read(session: Session) -> int:
+    """Blocks of the (temporary) query_records read so far in this transaction."""
+    statement = text("SELECT pg_stat_get_xact_blocks_fetched('query_records'::regclass)")
+    return int(session.execute(statement).scalar_one())
+
+
+def test_history_reads_go_in_index_order_on_a_large_unanalysed_table(running_stack: RunningStack) -> None:
+    """A page of a client's history after a cursor reads that page, not the rest of the history, and
+    the whole chain is streamed in seq order without a sort, on a table autovacuum has not analysed
+    yet. (Without `sorts_as_last_resort`, each page was a bitmap scan of all the client's rows after
+    the cursor and a sort: 3,677 blocks read here for a page of 100 rows, against 3 with it.)"""
+    client_id, _, _ = running_stack.new_client("history-plans")
+    other_id, _, _ = running_stack.new_client("history-plans-other")
+    with session_scope(running_stack.stack.database_url or "") as session:
+        _unanalysed_query_records(session, clients=(client_id, other_id))
+        before = _heap_blocks_read(session)
+        page = service.list_queries(session, client_id, after_id=1000, limit=100)
+        read = _heap_blocks_read(session) - before
+        # Client rows are ids 1-80, 161-240, ...: the 100 after id 1000 start at 1121.
+        expected = [i + 1 for i in range(240_000) if (i // 80) % 2 == 0 and i + 1 > 1000][:100]
+        assert [record.id for record in page] == expected
+        assert read < 50, f"{read} blocks read for a page of 100 rows"
+        sql = "SELECT * FROM query_records WHERE client_id = %s ORDER BY seq"
+        with service.sorts_as_last_resort(session):
+            assert "Sort" not in _plan_scans(session, sql, (client_id,))
+        assert "Sort" in _plan_scans(session, sql, (client_id,))  # the setting ends with the block
+        seqs = [record.seq for record in itertools.islice(service.iter_queries(session, client_id), 500)]
+        assert seqs == list(range(1, 501))
         session.rollback()
 
 
