@@ -663,7 +663,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command in ("serve", "worker", "beat"):
         limit_blas_threads(settings.blas_threads)
-    if args.command in ("serve", "worker", "beat"):
         from shared.db import set_application_name  # sqlalchemy: not for the quick commands
 
         set_application_name(service_name.get(args.command, args.command))

@@ -38,30 +38,39 @@ def side_redis_url(running_stack: RunningStack) -> str:
     return (running_stack.stack.redis_url or "").rsplit("/", 1)[0] + "/15"
 
 
+def _polls(timeout: float, message: str) -> Iterator[bool]:
+    """The polls of a wait: False for the first, then True (wait an interval first) for each one
+    begun before the deadline; past it, fail with the message."""
+    deadline = time.monotonic() + timeout
+    yield False
+    while True:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s: {message}")
+        yield True
+
+
 def wait_until(condition: Callable[[], T], timeout: float, message: str, interval: float = 0.1) -> T:
     """Poll until the condition returns something truthy; fail with the message at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
+    for after_interval in _polls(timeout, message):
+        if after_interval:
+            time.sleep(interval)
         value = condition()
         if value:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s: {message}")
-        time.sleep(interval)
+    raise AssertionError("unreachable: _polls ends by raising")
 
 
 async def async_wait_until(
     condition: Callable[[], T], timeout: float, message: str, interval: float = 0.1
 ) -> T:
     """`wait_until` inside a coroutine: awaits between polls, so the event loop runs meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
+    for after_interval in _polls(timeout, message):
+        if after_interval:
+            await asyncio.sleep(interval)
         value = condition()
         if value:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s: {message}")
-        await asyncio.sleep(interval)
+    raise AssertionError("unreachable: _polls ends by raising")
 
 
 @dataclass
