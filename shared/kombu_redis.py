@@ -14,13 +14,39 @@ Acknowledging a message taken without acknowledgements (a queue consumed with `n
 inference workers do) is a no-op here. Celery acknowledges every task with late acknowledgement
 whatever its queue, and kombu's Redis QoS then removed the message from its unacknowledged records,
 where it never was: a MULTI/ZREM/HDEL/EXEC round trip per job for nothing.
+
+Message bodies are base64 on the wire, as kombu writes them, but decoded (and encoded) by pybase64's
+vectorised routines instead of the standard library's: a batch-80 job of five requests carries
+340 KB of base64, which `base64.b64decode` took about 0.9 ms to decode (10-12% of an inference
+worker's CPU under batch-80 load in py-spy) and pybase64 about 0.02 ms. The alphabet and padding
+are the standard ones, so either side may run the stock codec; a body pybase64 rejects in strict
+mode (line breaks or other characters outside the alphabet, which the stock decoder skips) is
+decoded by the stock decoder, as before.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
+import pybase64
 from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual.base import Base64 as KombuBase64
+from kombu.utils.encoding import str_to_bytes
+
+
+class Base64(KombuBase64):
+    """kombu's base64 body codec, the same text and bytes, faster."""
+
+    def encode(self, s: str | bytes) -> str:
+        return pybase64.b64encode(str_to_bytes(s)).decode("ascii")
+
+    def decode(self, s: str | bytes) -> bytes:
+        try:
+            return pybase64.b64decode(s, validate=True)
+        except (binascii.Error, ValueError):
+            return base64.b64decode(str_to_bytes(s))
 
 
 class QoS(kombu_redis.QoS):
@@ -36,6 +62,7 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    codecs = {"base64": Base64()}
     _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:

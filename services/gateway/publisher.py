@@ -6,18 +6,19 @@ a third of the gateway's CPU per single-row request (`bench.cpu_breakdown --prof
 message is still Celery's and kombu's: the task message (protocol 2 headers, properties and body) comes
 from `app.amqp.create_task_message`, as `send_task` makes it, the body is serialised by kombu's
 serializer registry, and the envelope is the one kombu's Redis transport pushes onto the queue's list
-(anonymous exchange, priority 0, body in base64). Only the LPUSH is ours, awaited on the event loop.
+(anonymous exchange, priority 0, body in base64, encoded by pybase64 as the workers' transport
+decodes it: shared/kombu_redis.py). Only the LPUSH is ours, awaited on the event loop.
 tests/integration/test_job_publisher.py checks that a message published here and one published by
 `send_task` are the same, and the workers consume them in every end-to-end test.
 """
 
 from __future__ import annotations
 
-import base64
 import uuid
 from typing import Any
 
 import orjson
+import pybase64
 from celery import Celery
 from kombu.serialization import dumps as serialize
 from redis import asyncio as aioredis
@@ -78,7 +79,7 @@ class JobPublisher:
             "delivery_tag": str(uuid.uuid4()),
         }
         envelope = {
-            "body": base64.b64encode(raw).decode("ascii"),
+            "body": pybase64.b64encode(raw).decode("ascii"),
             "content-encoding": content_encoding,
             "content-type": content_type,
             "headers": headers,
