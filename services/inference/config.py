@@ -13,3 +13,6 @@ class InferenceSettings(Settings):
     # their time limits). "prefork" runs `inference_concurrency` pool children under one consumer.
     inference_pool: Literal["prefork", "solo"] = "solo"
     inference_concurrency: int = Field(default=2, ge=1)
+    # Serve supported models (scaler + MLP) with a compiled predict_proba that equals scikit-learn's
+    # bit for bit on probe rows (services/inference/fastpath.py); False: always scikit-learn's.
+    compile_models: bool = True

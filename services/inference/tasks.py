@@ -50,7 +50,7 @@ class WorkerRuntime:
 def runtime() -> WorkerRuntime:
     """Built lazily in each worker process (after the prefork), then reused."""
     return WorkerRuntime(
-        cache=ModelCache(settings.require_database_url()),
+        cache=ModelCache(settings.require_database_url(), compile_models=settings.compile_models),
         scheme=get_scheme(settings.fingerprint_scheme, settings.fingerprint_alpha),
         secrets=load_secrets(settings),
         redis=redis.Redis.from_url(settings.require_redis_url()),
