@@ -649,19 +649,24 @@ class NearDuplicateDetector(_WindowBinomialDetector):
     ) -> None:
         history = arrays["history"]
         n, m = Z.shape[0], history.shape[0]
-        candidates = np.empty((m + n, Z.shape[1]))
-        candidates[:m] = history
-        candidates[m:] = Z
+        # Z holds float32 values already (`standardise` rounds them), as the stored history does.
+        queries = Z.astype(np.float32)
+        candidates = np.concatenate([history.astype(np.float32, copy=False), queries])
         # Query i sits at position m + i; it is compared with the `history` queries just before it only.
-        # Squared distances as in squared_distances; the kernel takes the window, repeats and minimum.
+        # The product in float32; the kernel takes the window, repeats and minimum, and recomputes
+        # exactly every pair that may lie near the flag threshold or a repeat, so that flags and
+        # repeats are those of exact arithmetic (detector_kernels.nearest_earlier).
         nearest_squared = np.empty(n)
         repeat = np.empty(n, dtype=np.bool_)
         detector_kernels.nearest_earlier(
-            Z @ candidates.T,
-            np.einsum("ij,ij->i", Z, Z),
-            np.einsum("ij,ij->i", candidates, candidates),
+            queries @ candidates.T,
+            queries,
+            candidates,
+            np.einsum("ij,ij->i", queries, queries, dtype=np.float64),
+            np.einsum("ij,ij->i", candidates, candidates, dtype=np.float64),
             m,
             self.history,
+            self.distance_threshold**2,
             REPEAT_TOLERANCE_SQUARED,
             nearest_squared,
             repeat,
@@ -672,7 +677,7 @@ class NearDuplicateDetector(_WindowBinomialDetector):
         meta["repeats"] = int(meta["repeats"]) + int(repeat.sum())
         flags = nearest < self.distance_threshold
         self._record(meta, arrays, flags, np.where(np.isfinite(nearest), nearest, np.nan), call)
-        arrays["history"] = candidates[-self.history :].astype(np.float32)
+        arrays["history"] = candidates[-self.history :].copy()
 
     def _result(
         self, meta: dict[str, Any], arrays: dict[str, np.ndarray], call: dict[str, Any]

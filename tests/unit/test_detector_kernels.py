@@ -18,10 +18,11 @@ from services.auditor.detectors import (
 )
 
 
-def numpy_nearest_earlier(candidates: np.ndarray, first: int, history: int) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest earlier candidate within the window, with whole-array numpy operations."""
-    queries = candidates[first:]
-    D = squared_distances(queries, candidates)
+def exact_nearest_earlier(candidates: np.ndarray, first: int, history: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest earlier candidate within the window and repeats, from exact squared differences."""
+    queries = candidates[first:].astype(np.float64)
+    rows = candidates.astype(np.float64)
+    D = ((queries[:, None, :] - rows[None, :, :]) ** 2).sum(axis=2)
     position = first + np.arange(queries.shape[0])[:, None]
     column = np.arange(candidates.shape[0])[None, :]
     D[(column >= position) | (column < position - history)] = np.inf
@@ -31,16 +32,21 @@ def numpy_nearest_earlier(candidates: np.ndarray, first: int, history: int) -> t
     return D.min(axis=1), repeat
 
 
-def kernel_nearest_earlier(candidates: np.ndarray, first: int, history: int) -> tuple[np.ndarray, np.ndarray]:
+def kernel_nearest_earlier(
+    candidates: np.ndarray, first: int, history: int, exact_below: float
+) -> tuple[np.ndarray, np.ndarray]:
     queries = candidates[first:]
     nearest = np.empty(queries.shape[0])
     repeat = np.empty(queries.shape[0], dtype=np.bool_)
     nearest_earlier(
         queries @ candidates.T,
-        np.einsum("ij,ij->i", queries, queries),
-        np.einsum("ij,ij->i", candidates, candidates),
+        queries,
+        candidates,
+        np.einsum("ij,ij->i", queries, queries, dtype=np.float64),
+        np.einsum("ij,ij->i", candidates, candidates, dtype=np.float64),
         first,
         history,
+        exact_below,
         REPEAT_TOLERANCE_SQUARED,
         nearest,
         repeat,
@@ -50,23 +56,61 @@ def kernel_nearest_earlier(candidates: np.ndarray, first: int, history: int) -> 
 
 @pytest.mark.parametrize(
     ("earlier", "new", "history", "features"),
-    [(0, 40, 10, 3), (300, 120, 50, 80), (5000, 512, 5000, 80), (20, 200, 5000, 7)],
+    [(0, 40, 10, 3), (300, 120, 50, 80), (1000, 200, 1000, 80), (20, 200, 5000, 7)],
 )
-def test_kernel_equals_numpy(earlier: int, new: int, history: int, features: int) -> None:
+def test_kernel_equals_exact_arithmetic_where_it_decides(
+    earlier: int, new: int, history: int, features: int
+) -> None:
+    """Float32 product, exact refinement: repeats and every distance up to the decision threshold are
+    those of exact arithmetic (summation order aside); larger ones are off by float32 rounding only."""
     rng = np.random.default_rng(earlier + new)
     candidates = rng.normal(size=(earlier + new, features))
     # Exact repeats of an earlier row, near repeats (within and just outside the tolerance) and
     # near-duplicates, both inside and outside the history window.
     for i in range(earlier, earlier + new, 7):
         source = int(rng.integers(0, i)) if i else 0
-        candidates[i] = candidates[source] + rng.choice([0.0, 1e-9, 1e-3, 0.05]) * rng.normal(size=features)
-    expected = numpy_nearest_earlier(candidates, earlier, history)
-    got = kernel_nearest_earlier(candidates, earlier, history)
-    np.testing.assert_array_equal(got[0], expected[0])
-    np.testing.assert_array_equal(got[1], expected[1])
-    assert got[1].any(), "the data must contain repeats"
+        noise = rng.choice([0.0, 1e-9, 1e-6, 2e-5, 1e-3, 0.05, 0.3])
+        candidates[i] = candidates[source] + noise * rng.normal(size=features)
+    candidates = candidates.astype(np.float32)
+    expected, expected_repeat = exact_nearest_earlier(candidates, earlier, history)
+    # A threshold that splits the nearest distances, as the detector's does with attacks among them.
+    finite = expected[np.isfinite(expected)]
+    exact_below = float(np.quantile(finite, 0.3))
+    got, got_repeat = kernel_nearest_earlier(candidates, earlier, history, exact_below)
+    np.testing.assert_array_equal(got_repeat, expected_repeat)
+    assert got_repeat.any(), "the data must contain repeats"
+    assert np.array_equal(np.isinf(got), np.isinf(expected))
+    near = expected <= exact_below
+    assert near.any()
+    assert (~near & np.isfinite(expected)).any()
+    np.testing.assert_array_equal(got <= exact_below, near)
+    # Below the threshold: exact (up to the order of the sum of squared differences).
+    np.testing.assert_allclose(got[near], expected[near], rtol=1e-12, atol=0)
+    # Above it: within the float32 product's bound, (features + 2) x 2^-24 of the squared norms.
+    far = ~near & np.isfinite(expected)
+    norms = (candidates.astype(np.float64) ** 2).sum(axis=1)
+    bound = (features + 2) * 2.0**-24 * (norms[earlier:][far] + norms.max())
+    assert np.all(np.abs(got[far] - expected[far]) <= bound)
     if earlier == 0:
-        assert got[0][0] == np.inf, "the very first query has nothing before it"
+        assert got[0] == np.inf, "the very first query has nothing before it"
+
+
+def test_near_repeats_at_the_tolerance_are_told_apart_exactly() -> None:
+    """Pairs a hair inside and outside the repeat tolerance, far below float32's rounding of the
+    expanded product (~1e-5 here), are classified as exact arithmetic classifies them."""
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(64, 80)).astype(np.float32)
+    twins = base.copy()
+    step = np.float32(REPEAT_TOLERANCE / 2)  # one feature moved: squared distance tol^2 / 4
+    twins[::2, 0] += step
+    twins[1::2, 0] += np.float32(REPEAT_TOLERANCE * 2)  # squared distance 4 tol^2
+    candidates = np.vstack([base, twins])
+    expected, expected_repeat = exact_nearest_earlier(candidates, 64, 128)
+    got, got_repeat = kernel_nearest_earlier(candidates, 64, 128, 0.0)
+    np.testing.assert_array_equal(got_repeat, expected_repeat)
+    assert got_repeat[::2].all()
+    assert not got_repeat[1::2].any()
+    np.testing.assert_allclose(got[1::2], expected[1::2], rtol=1e-12, atol=0)
 
 
 class PythonLoopPrada(PradaDetector):
