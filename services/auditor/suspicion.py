@@ -19,7 +19,8 @@ from shared.db import Client, ClientChain, Model, ModelVersion, SuspicionState
 
 logger = logging.getLogger(__name__)
 
-# Rows scored per model in one job; a client further behind is caught up by the next jobs.
+# Rows scored per model in one job; a client further behind is caught up by the next jobs, which
+# the job queues itself when its block was full (tasks.score_client_task).
 MAX_ROWS_PER_JOB = 20_000
 ADVISORY_LOCK_NAMESPACE = 7_311_001
 
@@ -65,6 +66,9 @@ class ModelScore:
 
     model_name: str
     results: list[DetectorResult]
+    # The block read was full: more of the client's rows wait for this model (the caller queues
+    # another job for them at once).
+    more_waiting: bool = False
 
     @property
     def alarms(self) -> list[DetectorResult]:
@@ -121,7 +125,7 @@ def score_client(session: Session, client_id: int, profiles: ProfileCache) -> li
             )
             _save_state(session, client_id, model_name, new_state, result, int(ids[-1]))
             results.append(result)
-        scores.append(ModelScore(model_name, results))
+        scores.append(ModelScore(model_name, results, more_waiting=ids.size >= MAX_ROWS_PER_JOB))
     return scores
 
 

@@ -314,6 +314,11 @@ def score_client_task(client_id: int) -> int:
         if scores is None or client is None:
             return 0
         alarming = [suspicion.alert_text(client, score) for score in scores if score.alarms]
+    if any(score.more_waiting for score in scores):
+        # A block was full: the rest of a burst must not wait for the client's next query (the beat
+        # only picks clients whose history grew since their last scoring). Queued as a trigger is,
+        # after the same delay, so scoring keeps its cadence under load.
+        queue_scoring(client_id)
     for severity, message, evidence in alarming:
         raise_and_notify(
             alerts.KIND_EXTRACTION_SUSPECTED, severity, "client", str(client_id), message, evidence

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint, text
+from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint, func, select, text
 from sqlalchemy.orm import Session
 
 from services.auditor import service, suspicion
 from shared import audit_outbox
-from shared.db import QueryRecord, session_scope
+from shared.db import QueryRecord, SuspicionState, session_scope
 from shared.names import (
     REDIS_API_KEYS,
     REDIS_AUDIT_DRAIN_QUEUED,
@@ -27,7 +27,7 @@ from shared.names import (
     REDIS_MODELS,
 )
 from shared.schemas import QueryBatch
-from tests.conftest import DeployedTestModel, RunningStack, side_redis_url
+from tests.conftest import DeployedTestModel, RunningStack, side_redis_url, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -147,6 +147,51 @@ def test_scoring_reads_stop_at_their_limit_on_a_large_unanalysed_table(running_s
         assert ids.tolist() == expected
         assert inputs.shape == (limit, 1)
         session.rollback()
+
+
+def test_scoring_catches_up_on_a_burst_larger_than_one_job_without_new_queries(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    """A job scores at most MAX_ROWS_PER_JOB rows per model. The rest of a burst is scored by the
+    jobs it queues when its block was full; the beat alone picks only clients whose history grew
+    since their last scoring, so a client that went quiet after a burst kept the rest unscored."""
+    client_id, _, _ = running_stack.new_client("burst")
+    database_url = running_stack.stack.database_url or ""
+    rows = 2 * suspicion.MAX_ROWS_PER_JOB + 500
+    rng = np.random.default_rng(3)
+    with session_scope(database_url) as session:  # one commit: the beat sees one growth
+        for start in range(0, rows, 5000):
+            count = min(5000, rows - start)
+            inputs = small_model.X[rng.integers(0, len(small_model.X), count)]
+            inputs = inputs + rng.normal(scale=0.3, size=inputs.shape)
+            labels = small_model.estimator.predict(inputs)
+            classes = list(small_model.estimator.classes_)
+            batch = _batch(client_id, rows=count).model_copy(
+                update={
+                    "inputs": inputs,
+                    "probabilities": small_model.estimator.predict_proba(inputs),
+                    "label_indices": [classes.index(label) for label in labels],
+                    "labels": [str(label) for label in labels],
+                }
+            )
+            assert service.store_query_batch(session, batch).inserted == count
+    with session_scope(database_url) as session:
+        newest = session.scalar(select(func.max(QueryRecord.id)).where(QueryRecord.client_id == client_id))
+
+    def scored_up_to() -> list[int]:
+        with session_scope(database_url) as session:
+            return list(
+                session.scalars(
+                    select(SuspicionState.last_record_id).where(SuspicionState.client_id == client_id)
+                )
+            )
+
+    wait_until(
+        lambda: len(scored_up_to()) == 3 and min(scored_up_to()) == newest,
+        timeout=120,
+        message=f"scoring did not reach the burst's last row (id {newest}) without new queries",
+        interval=0.5,
+    )
 
 
 def _heap_blocks_read(session: Session) -> int:
