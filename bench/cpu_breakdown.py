@@ -98,6 +98,35 @@ def wait_for_audit(server: Server, answered_before: int, answered: int, limit: f
     return time.monotonic() - started
 
 
+def report_scoring_catch_up(
+    server: Server,
+    processes: dict[int, psutil.Process],
+    sample: dict[int, tuple[str, float]],
+    in_window: float,
+    per_row: float,
+    limit: float = 600.0,
+) -> None:
+    """Wait until every detector has scored the client's last row; print how long and at what CPU.
+
+    Under saturation the scoring worker (nice 10) takes the CPU the serving processes leave and falls
+    behind, so its CPU inside the window says how much it was given, not what scoring the load's rows
+    costs. This adds the CPU it spends on the rest after the load.
+    """
+    assert server.scoring_caught_up is not None
+    started = time.monotonic()
+    while not server.scoring_caught_up() and time.monotonic() - started < limit:
+        time.sleep(0.25)
+    waited = time.monotonic() - started
+    scoring = {pid: process for pid, process in processes.items() if role_of(process) == "scoring"}
+    later = cpu_by_process(scoring)
+    more = sum(seconds - sample.get(pid, ("scoring", 0.0))[1] for pid, (_, seconds) in later.items())
+    caught_up = "caught up" if server.scoring_caught_up() else f"NOT caught up after {limit:g} s"
+    print(
+        f"scoring {caught_up} {waited:.1f} s after the audit drain, with {more:.2f} CPU s more: "
+        f"{(in_window + more) * per_row:.1f} CPU us per row of the load in all"
+    )
+
+
 def top_functions(raw_profile: Path, top: int, inclusive: bool = False) -> list[tuple[float, str]]:
     """Share of samples of the hottest functions in a py-spy `raw` (collapsed stacks) profile: by own
     time, or with `inclusive` by the time they were anywhere on the stack (callees included)."""
@@ -130,6 +159,11 @@ def main() -> None:
         "--inclusive", action="store_true", help="rank functions by time on the stack, callees included"
     )
     parser.add_argument("--variant", default="", metavar="NAME:KEY=VALUE,...", help="as in bench.end_to_end")
+    parser.add_argument(
+        "--wait-scoring",
+        action="store_true",
+        help="after the load, wait until scoring has caught up and add the CPU it took to get there",
+    )
     args = parse_stack_arguments(parser)
     profiled = [role for role in args.profile.split(",") if role]
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -244,6 +278,8 @@ def main() -> None:
                 f"{'all':<14} {'':>4} {total:>7.2f} {'':>6} {total * 1e3 / max(1, result.ok):>15.2f} "
                 f"{total * 1e6 / max(1, result.ok * args.rows):>11.1f}"
             )
+            if args.wait_scoring:
+                report_scoring_catch_up(server, processes_after, after, per_role["scoring"], per_row)
             print_postgresql_split(per_session, per_role["postgresql"], per_request, per_row)
             print_profiles(spies, args.top, args.inclusive)
 

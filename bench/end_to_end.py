@@ -117,6 +117,7 @@ class Server:
     audited_rows: Callable[[], int] | None = None
     audit_backlog: Callable[[], int] | None = None
     database_sessions: Callable[[], dict[int, str]] | None = None
+    scoring_caught_up: Callable[[], bool] | None = None
 
     def processes(self) -> list[psutil.Process]:
         """The server's processes and all their children, as they are now."""
@@ -259,6 +260,15 @@ def modelprint_server(
         def audit_backlog() -> int:
             return audit_outbox.pending(broker)
 
+        def scoring_caught_up() -> bool:
+            """Whether every detector has scored the client's newest stored row (two index probes)."""
+            row = database.execute(
+                "SELECT (SELECT max(id) FROM query_records WHERE client_id = %(c)s)"
+                " <= (SELECT min(last_record_id) FROM suspicion_states WHERE client_id = %(c)s)",
+                {"c": created["id"]},
+            ).fetchone()
+            return bool(row and row[0])
+
         def database_sessions() -> dict[int, str]:
             """Each PostgreSQL process's client (application_name) or, for the server's own
             processes, its kind (checkpointer, walwriter, ...)."""
@@ -285,6 +295,7 @@ def modelprint_server(
                 audited_rows=audited_rows,
                 audit_backlog=audit_backlog,
                 database_sessions=database_sessions,
+                scoring_caught_up=scoring_caught_up,
             )
         finally:
             database.close()
