@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -87,15 +88,19 @@ def cpu_by_process(processes: dict[int, psutil.Process]) -> dict[int, tuple[str,
     return sample
 
 
+def seconds_until(condition: Callable[[], bool], limit: float, interval: float) -> float:
+    """Poll `condition` until it holds or `limit` seconds have passed; the seconds waited."""
+    started = time.monotonic()
+    while not condition() and time.monotonic() - started < limit:
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
 def wait_for_audit(server: Server, answered_before: int, answered: int, limit: float = 120.0) -> float:
     """Seconds until the audit trail holds every answered row (rows = requests x rows per request)."""
-    assert server.audited_rows is not None
-    started = time.monotonic()
-    while server.audited_rows() < answered_before + answered:
-        if time.monotonic() - started > limit:
-            break
-        time.sleep(0.1)
-    return time.monotonic() - started
+    audited_rows = server.audited_rows
+    assert audited_rows is not None
+    return seconds_until(lambda: audited_rows() >= answered_before + answered, limit, 0.1)
 
 
 def report_scoring_catch_up(
@@ -112,17 +117,15 @@ def report_scoring_catch_up(
     behind, so its CPU inside the window says how much it was given, not what scoring the load's rows
     costs. This adds the CPU it spends on the rest after the load.
     """
-    assert server.scoring_caught_up is not None
-    started = time.monotonic()
-    while not server.scoring_caught_up() and time.monotonic() - started < limit:
-        time.sleep(0.25)
-    waited = time.monotonic() - started
+    caught_up = server.scoring_caught_up
+    assert caught_up is not None
+    waited = seconds_until(caught_up, limit, 0.25)
     scoring = {pid: process for pid, process in processes.items() if role_of(process) == "scoring"}
     later = cpu_by_process(scoring)
     more = sum(seconds - sample.get(pid, ("scoring", 0.0))[1] for pid, (_, seconds) in later.items())
-    caught_up = "caught up" if server.scoring_caught_up() else f"NOT caught up after {limit:g} s"
+    outcome = "caught up" if caught_up() else f"NOT caught up after {limit:g} s"
     print(
-        f"scoring {caught_up} {waited:.1f} s after the audit drain, with {more:.2f} CPU s more: "
+        f"scoring {outcome} {waited:.1f} s after the audit drain, with {more:.2f} CPU s more: "
         f"{(in_window + more) * per_row:.1f} CPU us per row of the load in all"
     )
 

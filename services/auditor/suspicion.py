@@ -67,7 +67,7 @@ class ModelScore:
     model_name: str
     results: list[DetectorResult]
     # The block read was full: more of the client's rows wait for this model (the caller queues
-    # another job for them at once).
+    # another job for them, after the usual delay).
     more_waiting: bool = False
 
     @property

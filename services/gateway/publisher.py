@@ -6,8 +6,8 @@ a third of the gateway's CPU per single-row request (`bench.cpu_breakdown --prof
 message is still Celery's and kombu's: the task message (protocol 2 headers, properties and body) comes
 from `app.amqp.create_task_message`, as `send_task` makes it, the body is serialised by kombu's
 serializer registry, and the envelope is the one kombu's Redis transport pushes onto the queue's list
-(anonymous exchange, priority 0, body in base64, encoded by pybase64 as the workers' transport
-decodes it: shared/kombu_redis.py). Only the LPUSH is ours, awaited on the event loop.
+(anonymous exchange, priority 0, body in base64, encoded by the codec of the workers' transport:
+shared/kombu_redis.py). Only the LPUSH is ours, awaited on the event loop.
 tests/integration/test_job_publisher.py checks that a message published here and one published by
 `send_task` are the same, and the workers consume them in every end-to-end test.
 """
@@ -18,14 +18,17 @@ import uuid
 from typing import Any
 
 import orjson
-import pybase64
 from celery import Celery
 from kombu.serialization import dumps as serialize
 from redis import asyncio as aioredis
 
+from shared.kombu_redis import Base64
+
 # kombu's default message priority and Celery's persistent delivery mode.
 _PRIORITY = 0
 _PERSISTENT = 2
+# The body codec of the workers' transport, so that the gateway encodes as they decode.
+_BODY_CODEC = Base64()
 
 
 class JobPublisher:
@@ -79,7 +82,7 @@ class JobPublisher:
             "delivery_tag": str(uuid.uuid4()),
         }
         envelope = {
-            "body": pybase64.b64encode(raw).decode("ascii"),
+            "body": _BODY_CODEC.encode(raw),
             "content-encoding": content_encoding,
             "content-type": content_type,
             "headers": headers,

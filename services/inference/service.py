@@ -39,7 +39,6 @@ class LoadedModel:
     # when the estimator is of a supported kind and the compiled one gives the same answers, else
     # scikit-learn's own.
     predict_proba: PredictProba
-    compiled: bool
 
 
 class ModelCache:
@@ -97,7 +96,6 @@ class ModelCache:
             n_features,
             expected_sha,
             predict_proba=compiled or sklearn_predict_proba(estimator),
-            compiled=compiled is not None,
         )
 
 

@@ -135,7 +135,7 @@ def test_the_ecg_model_is_compiled_and_fingerprinted_answers_do_not_change(ecg: 
 
     def loaded(predict_proba: fastpath.PredictProba) -> LoadedModel:
         classes = list(estimator.classes_)
-        return LoadedModel("ecg", 1, estimator, classes, n_features, "0" * 64, predict_proba, True)
+        return LoadedModel("ecg", 1, estimator, classes, n_features, "0" * 64, predict_proba)
 
     scheme, key = get_scheme("hmac-all-classes", 0.05), b"k" * 32
     for rows in (X[:1], X[:80], X):
