@@ -17,6 +17,7 @@ import httpx
 from shared.config import SecretsError, Settings, get_settings, load_secrets
 from shared.fingerprint import SCHEMES, NoFingerprintScheme
 from shared.logs import configure_logging
+from shared.priority import lower_cpu_priority
 
 logger = logging.getLogger("modelprint")
 
@@ -127,7 +128,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         elif args.queue == "scoring":
             queue, default_concurrency = QUEUE_SCORING, auditor_settings.scoring_concurrency
             pool = "prefork"
-            os.nice(auditor_settings.scoring_nice)  # inherited by the pool's children
+            # Inherited by the pool's children; also the session's scheduling group (shared/priority.py).
+            outcome = lower_cpu_priority(auditor_settings.scoring_nice)
+            logger.info(
+                "scoring worker priority",
+                extra={"nice": outcome.nice, "group_nice": outcome.group_nice, "detail": outcome.reason},
+            )
         else:
             queue, default_concurrency = QUEUE_AUDIT, auditor_settings.audit_concurrency
             pool = auditor_settings.audit_pool

@@ -7,7 +7,9 @@ was flagged is printed (run with -s to see it) and recorded in the README.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +149,26 @@ def test_extraction_strategies_are_flagged_within_500_queries(
         alarms = [r["detector"] for r in report["models"][MODEL] if r["alarm"]]  # type: ignore[index]
         print(f"{name}: flagged after {flagged[name]} queries by {alarms}")
     assert all(count is not None and count <= ATTACK_BUDGET for count in flagged.values()), flagged
+
+
+def test_the_scoring_worker_yields_the_cpu_to_serving_and_storing(running_stack: RunningStack) -> None:
+    """`modelprint up` runs the scoring worker at nice 10 in a scheduling group of its own at nice 10
+    (shared/priority.py: a process nice alone does not weigh against the other services' sessions),
+    and the services that answer and store queries at the default priority."""
+
+    def priority(pid: int) -> tuple[int, str | None]:
+        group = Path(f"/proc/{pid}/autogroup")
+        return os.getpriority(os.PRIO_PROCESS, pid), group.read_text().strip() if group.exists() else None
+
+    processes = {service.name: service.process for service in running_stack.stack.services}
+    scoring = processes["scoring-worker"]
+    assert scoring is not None
+    nice, group = priority(scoring.pid)
+    assert nice == 10
+    assert group is None or group.endswith(" nice 10"), group
+    for name in ("gateway", "inference-worker-1", "audit-worker"):
+        process = processes[name]
+        assert process is not None
+        nice, group = priority(process.pid)
+        assert nice == 0, name
+        assert group is None or group.endswith(" nice 0"), (name, group)

@@ -379,6 +379,15 @@ def test_inference_worker_is_scalable() -> None:
     assert "hostname" not in worker, "a fixed hostname would give every replica the same Celery node name"
 
 
+def test_only_the_scoring_worker_yields_the_cpu() -> None:
+    """Nice values do not weigh across containers (cgroups): the scoring worker's CPU weight is lowered
+    in compose, to the share nice 10 gives a process, and no other service of ours is lowered."""
+    assert services()["scoring-worker"].get("cpu_shares") == 110
+    for name in APP_SERVICES:
+        if name != "scoring-worker":
+            assert "cpu_shares" not in services()[name], f"{name} should keep the default CPU weight"
+
+
 def test_app_services_run_in_production_mode_with_least_secrets() -> None:
     for name in APP_SERVICES:
         env = environment(services()[name])
