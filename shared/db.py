@@ -95,7 +95,14 @@ class QueryRecord(Base):
 
     __tablename__ = "query_records"
     __table_args__ = (
-        UniqueConstraint("request_id", "row_index", name="uq_query_records_request_id_row_index"),
+        # A request's rows are stored together (one COPY, one transaction), so its first row stands for
+        # all of them: one entry per request instead of one per row (migration 0007).
+        Index(
+            "uq_query_records_request_id_first_row",
+            "request_id",
+            unique=True,
+            postgresql_where=text("row_index = 0"),
+        ),
         UniqueConstraint("client_id", "seq", name="uq_query_records_client_id_seq"),
         Index("ix_query_records_client_id_id", "client_id", "id"),
         # Scoring reads a client's new rows of one model in id order, and lists the client's models.

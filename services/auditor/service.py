@@ -226,8 +226,10 @@ def store_client_batches(session: Session, client_id: int, batches: list[QueryBa
 
 # Which of these requests are stored already: one probe of the unique index per request, for its
 # first row. A request's rows are stored together (one COPY, one transaction), so the first row
-# stands for all of them. The probe fixes both columns of uq_query_records_request_id_row_index, so
-# the planner expects at most one row per request whatever its statistics say. The query it
+# stands for all of them, and the index holds first rows only (uq_query_records_request_id_first_row,
+# migration 0007; it also refuses a request stored twice). The probe's `row_index = 0` matches the
+# index's predicate and its equality on request_id its unique key, so the planner expects at most
+# one row per request whatever its statistics say. The query it
 # replaced, `request_id IN (...)`, was planned with the default selectivity of an unanalysed column
 # (0.5% of the table per id) until autovacuum first analysed the table, which for a drain of 30
 # requests meant a sequential scan of the whole table in every transaction; on a table growing by

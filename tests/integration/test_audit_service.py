@@ -11,14 +11,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import psycopg
 import pytest
 import redis
-from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint, func, select, text
+from alembic import command
+from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint, create_engine, func, make_url, select, text
 from sqlalchemy.orm import Session
 
 from services.auditor import service, suspicion
 from shared import audit_outbox
-from shared.db import QueryRecord, SuspicionState, session_scope
+from shared.db import QueryRecord, SuspicionState, get_engine, session_scope
+from shared.migrate import alembic_config, upgrade_to_head
 from shared.names import (
     REDIS_API_KEYS,
     REDIS_AUDIT_DRAIN_QUEUED,
@@ -337,8 +340,9 @@ def test_detector_states_are_stored_without_compression(running_stack: RunningSt
 
 def test_query_records_carry_only_the_indexes_in_use(running_stack: RunningStack) -> None:
     # Each index costs PostgreSQL CPU on every stored row; migration 0005 dropped the answer-time one,
-    # which no query used, and 0006 added the one scoring reads by. The schema the migrations build
-    # matches the models' declaration.
+    # which no query used, 0006 added the one scoring reads by, and 0007 replaced the per-row unique
+    # (request_id, row_index) with one entry per request. The schema the migrations build matches the
+    # models' declaration.
     with session_scope(running_stack.stack.database_url or "") as session:
         indexes = set(
             session.execute(
@@ -356,12 +360,80 @@ def test_query_records_carry_only_the_indexes_in_use(running_stack: RunningStack
         == declared
         == {
             "pk_query_records",
-            "uq_query_records_request_id_row_index",
+            "uq_query_records_request_id_first_row",
             "uq_query_records_client_id_seq",
             "ix_query_records_client_id_id",
             "ix_query_records_client_id_model_name_id",
         }
     )
+
+
+def test_a_request_is_stored_once_even_past_the_redelivery_check(running_stack: RunningStack) -> None:
+    """The first-row index (migration 0007) is the backstop behind the redelivery check: a second
+    copy of a stored request's rows is refused whatever else differs, and other requests' first rows
+    and any request's later rows are not constrained by it."""
+    database_url = running_stack.stack.database_url or ""
+    client_id, _, _ = running_stack.new_client("first-row")
+    batch = _batch(client_id, rows=3)
+    with session_scope(database_url) as session:
+        assert service.store_query_batch(session, batch).inserted == 3
+    with session_scope(database_url) as session:
+        chain = service.lock_chain(session, client_id)
+        rows = batch.rows()
+        service.link_records(chain.head_hash, chain.length + 1, rows)
+        with pytest.raises(psycopg.errors.UniqueViolation, match="uq_query_records_request_id_first_row"):
+            service.copy_rows(session, rows)
+        session.rollback()
+    with session_scope(database_url) as session:
+        indexdef = session.execute(
+            text("SELECT indexdef FROM pg_indexes WHERE indexname = 'uq_query_records_request_id_first_row'")
+        ).scalar_one()
+    assert "UNIQUE" in indexdef, indexdef
+    assert "WHERE (row_index = 0)" in indexdef, indexdef
+
+
+def test_migration_0007_round_trips_on_a_database_with_rows(running_stack: RunningStack) -> None:
+    """Downgrading to 0006 turns the first-row index back into the per-row constraint and upgrading
+    again restores it, on a scratch database holding stored rows."""
+    admin_url = running_stack.stack.database_url or ""
+    name = f"migrate_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    scratch_url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade_to_head(scratch_url)
+        with session_scope(scratch_url) as session:
+            session.execute(
+                text(
+                    "INSERT INTO clients (id, name, api_key_hash, api_key_prefix) VALUES (1, 'c', :h, 'mp_')"
+                ),
+                {"h": "0" * 64},
+            )
+        with session_scope(scratch_url) as session:
+            service.store_query_batch(session, _batch(1, rows=4))
+
+        def indexes() -> set[str]:
+            with session_scope(scratch_url) as session:
+                return set(
+                    session.execute(
+                        text("SELECT indexname FROM pg_indexes WHERE tablename = 'query_records'")
+                    ).scalars()
+                )
+
+        command.downgrade(alembic_config(scratch_url), "0006")
+        assert "uq_query_records_request_id_row_index" in indexes()
+        assert "uq_query_records_request_id_first_row" not in indexes()
+        upgrade_to_head(scratch_url)
+        assert "uq_query_records_request_id_first_row" in indexes()
+        assert "uq_query_records_request_id_row_index" not in indexes()
+        with session_scope(scratch_url) as session:
+            assert session.execute(text("SELECT count(*) FROM query_records")).scalar_one() == 4
+    finally:
+        get_engine(scratch_url).dispose()
+        with engine.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        engine.dispose()
 
 
 @pytest.fixture
