@@ -4,10 +4,10 @@ The near-duplicate test needs, for each new query, the nearest of the client's p
 queries, skipping exact repeats. The matrix product behind the distances stays with BLAS, in float32
 (twice the speed of float64, and the rows are float32 already); this kernel takes its result and
 does the rest in one pass over it: the squared distance of each pair, the window of earlier queries
-each row may be compared with, an exact recomputation of the pairs near a decision, the repeat test
-and the running minimum. Written with numpy's whole-array operations, the same steps made about
-eight passes over an (n x history) matrix and its boolean masks, and cost more than the matrix
-product itself.
+each row may be compared with, the repeat test and the running minimum, then computes exactly the
+few pairs that may be a repeat or the nearest, so that its results are those of exact arithmetic.
+Written with numpy's whole-array operations, the same steps made about eight passes over an
+(n x history) matrix and its boolean masks, and cost more than the matrix product itself.
 
 PRADA's growing-set rule (`grow_members`) keeps the arithmetic of `detectors.squared_distances` in
 the same order ((|a|^2 + |b|^2) - 2 a.b, then clamped at 0), so its results are bit for bit those of
@@ -29,6 +29,17 @@ _FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 
 
 @_jit
+def _squared_difference(queries: np.ndarray, i: int, candidates: np.ndarray, j: int) -> float:
+    """The exact squared distance of query i and candidate j: float32 values are exact in float64,
+    summed feature by feature in order, so the result does not depend on how BLAS blocked the product."""
+    exact = 0.0
+    for feature in range(queries.shape[1]):
+        difference = np.float64(queries[i, feature]) - np.float64(candidates[j, feature])
+        exact += difference * difference
+    return exact
+
+
+@_jit
 def nearest_earlier(
     gram: np.ndarray,
     queries: np.ndarray,
@@ -37,47 +48,60 @@ def nearest_earlier(
     candidate_norms: np.ndarray,
     first: int,
     history: int,
-    exact_below: float,
     repeat_tolerance_squared: float,
     nearest_squared: np.ndarray,
     repeat: np.ndarray,
 ) -> None:
-    """For each query i (candidate `first + i`), the nearest of the `history` candidates before it.
+    """For each query i (candidate `first + i`), the exact squared distance to the nearest of the
+    `history` candidates before it that is not a repeat, and whether any is a repeat.
 
     `queries` and `candidates` are float32 rows, `gram[i, j]` their float32 product (`queries @
     candidates.T`), the norms their squared norms in float64. A squared distance from the product,
     (|a|^2 + |b|^2) - 2 a.b, is within `slack` = (features + 2) x float32's unit roundoff x (|a|^2 +
-    |b|^2) of the true one, whatever order the product summed in. Every pair that may lie within
-    `exact_below` (the caller's decision threshold, squared) or the repeat tolerance is computed
-    again exactly, as the sum of its squared differences in float64 (a float32 row's values are
-    exact in float64): repeats, and any decision against `exact_below`, are those of exact
-    arithmetic; a larger distance is off by at most the slack (about 1e-6 of it). Writes the
-    smallest squared distance above the repeat tolerance to `nearest_squared[i]` (inf when there is
-    none) and whether any candidate in the window lies within the tolerance to `repeat[i]`.
+    |b|^2) of the true one, whatever order the product summed in. The product only screens: every
+    pair that may lie within the repeat tolerance is computed exactly (as the sum of its squared
+    differences in float64), and so is every pair whose screened distance, less its slack, is not
+    above the smallest screened distance plus its slack among the others, which is where the true
+    nearest lies. Usually a handful per query: the first pass keeps the pairs that were within reach
+    of the running minimum when it met them, the second computes those still within reach of the
+    final one exactly. So the result is that of exact arithmetic (up to the order of the sum), the
+    same whichever way the rows were chunked and whichever kernel BLAS chose for the product.
+    Writes `nearest_squared[i]` (inf when no candidate is left) and `repeat[i]`.
     """
-    features = queries.shape[1]
-    relative_slack = (features + 2) * _FLOAT32_UNIT_ROUNDOFF
-    refine_below = max(exact_below, repeat_tolerance_squared)
+    relative_slack = (queries.shape[1] + 2) * _FLOAT32_UNIT_ROUNDOFF
+    within_reach = np.empty(max(history, 1), dtype=np.int64)
     for i in range(gram.shape[0]):
         end = first + i
         start = max(0, end - history)
         norm = query_norms[i]
-        best = np.inf
+        upper = np.inf
+        kept = 0
         repeated = False
         for j in range(start, end):
             norms = norm + candidate_norms[j]
-            distance = norms - 2.0 * np.float64(gram[i, j])
-            if distance <= refine_below + relative_slack * norms:
-                exact = 0.0
-                for feature in range(features):
-                    difference = np.float64(queries[i, feature]) - np.float64(candidates[j, feature])
-                    exact += difference * difference
-                distance = exact
-                if distance <= repeat_tolerance_squared:
+            screened = norms - 2.0 * np.float64(gram[i, j])
+            slack = relative_slack * norms
+            if screened <= repeat_tolerance_squared + slack:
+                exact = _squared_difference(queries, i, candidates, j)
+                if exact <= repeat_tolerance_squared:
                     repeated = True
                     continue
-            if distance < best:
-                best = distance
+                low = high = exact
+            else:
+                low, high = screened - slack, screened + slack
+            if low <= upper:
+                within_reach[kept] = j
+                kept += 1
+                if high < upper:
+                    upper = high
+        best = np.inf
+        for k in range(kept):
+            j = within_reach[k]
+            norms = norm + candidate_norms[j]
+            if norms - 2.0 * np.float64(gram[i, j]) - relative_slack * norms <= upper:
+                exact = _squared_difference(queries, i, candidates, j)
+                if repeat_tolerance_squared < exact < best:
+                    best = exact
         nearest_squared[i] = best
         repeat[i] = repeated
 
@@ -145,7 +169,7 @@ def warm_up() -> None:
     """Compile (or load from the cache) the kernels for the argument types the detectors pass."""
     rows = np.zeros((1, 1), dtype=np.float32)
     nearest_earlier(
-        rows, rows, rows, np.zeros(1), np.zeros(1), 0, 1, 0.0, 0.0, np.empty(1), np.empty(1, dtype=np.bool_)
+        rows, rows, rows, np.zeros(1), np.zeros(1), 0, 1, 0.0, np.empty(1), np.empty(1, dtype=np.bool_)
     )
     grow_members(
         np.zeros((1, 1)), np.zeros((1, 1)), 1, 0.0, np.zeros(4), np.empty(1), np.empty(1, dtype=np.int64)

@@ -653,9 +653,9 @@ class NearDuplicateDetector(_WindowBinomialDetector):
         queries = Z.astype(np.float32)
         candidates = np.concatenate([history.astype(np.float32, copy=False), queries])
         # Query i sits at position m + i; it is compared with the `history` queries just before it only.
-        # The product in float32; the kernel takes the window, repeats and minimum, and recomputes
-        # exactly every pair that may lie near the flag threshold or a repeat, so that flags and
-        # repeats are those of exact arithmetic (detector_kernels.nearest_earlier).
+        # The product in float32 screens the pairs; the kernel takes the window, and computes exactly
+        # every pair that may be a repeat or the nearest, so that distances, flags and repeats are
+        # those of exact arithmetic however the rows were chunked (detector_kernels.nearest_earlier).
         nearest_squared = np.empty(n)
         repeat = np.empty(n, dtype=np.bool_)
         detector_kernels.nearest_earlier(
@@ -666,7 +666,6 @@ class NearDuplicateDetector(_WindowBinomialDetector):
             np.einsum("ij,ij->i", candidates, candidates, dtype=np.float64),
             m,
             self.history,
-            self.distance_threshold**2,
             REPEAT_TOLERANCE_SQUARED,
             nearest_squared,
             repeat,
