@@ -58,7 +58,7 @@ def lower_cpu_priority(nice: int, autogroup: Path = AUTOGROUP) -> PriorityOutcom
             "this worker) keeps its priority, so the nice value weighs only within that session",
         )
     try:
-        group_nice = _group_nice(autogroup.read_text())
+        group_nice = autogroup_nice(autogroup.read_text())
         if nice > group_nice:
             autogroup.write_text(str(nice))
             group_nice = nice
@@ -67,7 +67,7 @@ def lower_cpu_priority(nice: int, autogroup: Path = AUTOGROUP) -> PriorityOutcom
     return PriorityOutcome(process_nice, group_nice, "the session's scheduling group lowered too")
 
 
-def _group_nice(text: str) -> int:
+def autogroup_nice(text: str) -> int:
     """The nice value in `/proc/<pid>/autogroup`'s text, e.g. "/autogroup-189 nice 10"."""
     parts = text.split()
     if len(parts) < 3 or parts[-2] != "nice":

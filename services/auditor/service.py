@@ -229,11 +229,11 @@ def store_client_batches(session: Session, client_id: int, batches: list[QueryBa
 # stands for all of them, and the index holds first rows only (uq_query_records_request_id_first_row,
 # migration 0007; it also refuses a request stored twice). The probe's `row_index = 0` matches the
 # index's predicate and its equality on request_id its unique key, so the planner expects at most
-# one row per request whatever its statistics say. The query it
-# replaced, `request_id IN (...)`, was planned with the default selectivity of an unanalysed column
-# (0.5% of the table per id) until autovacuum first analysed the table, which for a drain of 30
-# requests meant a sequential scan of the whole table in every transaction; on a table growing by
-# 21,000 rows/s the first analysis came late (bench.cpu_breakdown, PostgreSQL by session).
+# one row per request whatever its statistics say. The query it replaced, `request_id IN (...)`, was
+# planned with the default selectivity of an unanalysed column (0.5% of the table per id) until
+# autovacuum first analysed the table, which for a drain of 30 requests meant a sequential scan of
+# the whole table in every transaction; on a table growing by 21,000 rows/s the first analysis came
+# late (bench.cpu_breakdown, PostgreSQL by session).
 STORED_REQUESTS = text(
     "SELECT r.request_id FROM unnest(CAST(:request_ids AS varchar[])) AS r(request_id) "
     "WHERE EXISTS (SELECT 1 FROM query_records q WHERE q.request_id = r.request_id AND q.row_index = 0)"

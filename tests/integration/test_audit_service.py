@@ -370,8 +370,7 @@ def test_query_records_carry_only_the_indexes_in_use(running_stack: RunningStack
 
 def test_a_request_is_stored_once_even_past_the_redelivery_check(running_stack: RunningStack) -> None:
     """The first-row index (migration 0007) is the backstop behind the redelivery check: a second
-    copy of a stored request's rows is refused whatever else differs, and other requests' first rows
-    and any request's later rows are not constrained by it."""
+    copy of a stored request's rows, linked further down the chain (new seq values), is refused."""
     database_url = running_stack.stack.database_url or ""
     client_id, _, _ = running_stack.new_client("first-row")
     batch = _batch(client_id, rows=3)

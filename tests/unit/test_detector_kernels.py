@@ -18,12 +18,15 @@ from services.auditor.detectors import (
 )
 
 
+def exact_pairs(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Squared distances of every query to every row, from exact squared differences in float64."""
+    return ((queries.astype(np.float64)[:, None, :] - rows.astype(np.float64)[None, :, :]) ** 2).sum(axis=2)
+
+
 def exact_nearest_earlier(candidates: np.ndarray, first: int, history: int) -> tuple[np.ndarray, np.ndarray]:
     """Nearest earlier candidate within the window and repeats, from exact squared differences."""
-    queries = candidates[first:].astype(np.float64)
-    rows = candidates.astype(np.float64)
-    D = ((queries[:, None, :] - rows[None, :, :]) ** 2).sum(axis=2)
-    position = first + np.arange(queries.shape[0])[:, None]
+    D = exact_pairs(candidates[first:], candidates)
+    position = first + np.arange(D.shape[0])[:, None]
     column = np.arange(candidates.shape[0])[None, :]
     D[(column >= position) | (column < position - history)] = np.inf
     is_repeat = D <= REPEAT_TOLERANCE_SQUARED
@@ -69,10 +72,9 @@ def test_kernel_equals_exact_arithmetic(earlier: int, new: int, history: int, fe
         noise = rng.choice([0.0, 1e-9, 1e-6, 2e-5, 1e-3, 0.05, 0.3])
         candidates[i] = candidates[source] + noise * rng.normal(size=features)
     for i in range(earlier + 3, earlier + new, 11):
-        if i >= 2:
-            twin = candidates[i - 2].copy()
-            twin[0] += 1e-6
-            candidates[i - 1] = twin
+        twin = candidates[i - 2].copy()
+        twin[0] += 1e-6
+        candidates[i - 1] = twin
     candidates = candidates.astype(np.float32)
     expected, expected_repeat = exact_nearest_earlier(candidates, earlier, history)
     got, got_repeat = kernel_nearest_earlier(candidates, earlier, history)
@@ -93,10 +95,6 @@ def test_kernel_equals_exact_arithmetic(earlier: int, new: int, history: int, fe
     )
     if earlier == 0:
         assert got[0] == np.inf, "the very first query has nothing before it"
-
-
-def exact_pairs(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    return ((queries.astype(np.float64)[:, None, :] - rows.astype(np.float64)[None, :, :]) ** 2).sum(axis=2)
 
 
 def test_results_do_not_depend_on_how_the_product_was_blocked() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.priority import _group_nice, lower_cpu_priority
+from shared.priority import autogroup_nice, lower_cpu_priority
 
 CHILD = """
 import json, sys
@@ -82,5 +82,5 @@ def test_out_of_range_and_unreadable_values_are_refused() -> None:
     with pytest.raises(ValueError, match="0..19"):
         lower_cpu_priority(20)
     with pytest.raises(ValueError, match="unexpected autogroup line"):
-        _group_nice("garbage")
-    assert _group_nice("/autogroup-7 nice -3\n") == -3
+        autogroup_nice("garbage")
+    assert autogroup_nice("/autogroup-7 nice -3\n") == -3
