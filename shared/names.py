@@ -24,6 +24,9 @@ TASK_DISPATCH_SCANS: Final = "scans.dispatch_due"
 # PostgreSQL, which stays the source of truth; the gateway only reads them.
 REDIS_API_KEYS: Final = "modelprint:apikeys"
 REDIS_MODELS: Final = "modelprint:models"
+# A message goes out on this channel with every change of those two hashes, in the same transaction;
+# gateways empty their copy of registry entries on it (services/gateway/registry_cache.py).
+REDIS_REGISTRY_CHANNEL: Final = "modelprint:registry-changed"
 REDIS_REPLY_CHANNEL_PREFIX: Final = "modelprint:replies:"
 # How far behind the audit trail is: each audit worker process writes "<lag seconds> <unix time>" to
 # its own field after every commit (lag: from the oldest answer of the message to its commit).

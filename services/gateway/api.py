@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway import service
 from services.gateway.config import GatewaySettings
+from services.gateway.registry_cache import RegistryCache
 from shared.celery_app import create_celery_app
 from shared.gc_tuning import tune_garbage_collector
 from shared.http import ApiError, OrjsonResponse, install_error_handlers
@@ -43,6 +44,12 @@ ADMISSION_RATE = Gauge(
     "modelprint_gateway_admission_rate_rows", "Rows per second the gateway lets in; -1 when not paced"
 )
 ADMITTED_ROWS = Gauge("modelprint_gateway_admitted_rows", "Rows let in since the gateway started")
+REGISTRY_CACHE_HITS = Gauge(
+    "modelprint_gateway_registry_cache_hits", "Predictions that found key, model and queue length cached"
+)
+REGISTRY_CACHE_MISSES = Gauge(
+    "modelprint_gateway_registry_cache_misses", "Predictions that read key, model and queue length from Redis"
+)
 ADMISSION_REFUSED = Gauge(
     "modelprint_gateway_admission_refused", "Requests refused (503) while the audit trail was behind"
 )
@@ -103,7 +110,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         admission=service.AdmissionControl(settings.audit_lag_target_seconds)
         if settings.audit_lag_target_seconds > 0
         else None,
+        registry_cache=RegistryCache(settings.registry_cache_seconds),
     )
+    registry_cache = dispatcher.registry_cache
+    REGISTRY_CACHE_HITS.set_function(lambda: registry_cache.hits if registry_cache else 0)
+    REGISTRY_CACHE_MISSES.set_function(lambda: registry_cache.misses if registry_cache else 0)
 
     admission = dispatcher.admission
     if admission is not None:
@@ -129,7 +140,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def answer(
         request: Request, name: str, authorization: str | None, v2: bool
     ) -> tuple[DeployedModel, PredictReply]:
-        client, model, backlog = await service.client_and_model(redis_client, authorization, name)
+        client, model, backlog = await service.client_and_model(
+            redis_client, authorization, name, dispatcher.registry_cache
+        )
         body = await service.read_body(
             request.stream(), request.headers.get("content-length"), settings.max_body_bytes
         )

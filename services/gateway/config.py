@@ -11,6 +11,9 @@ class GatewaySettings(Settings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     predict_timeout_seconds: float = Field(default=10.0, gt=0)
     max_inference_backlog: int = Field(default=5000, ge=1)
+    # How long the gateway may keep a key's client and a model's version it read from Redis; emptied at
+    # once on every registry change (services/gateway/registry_cache.py). 0: read Redis on every request.
+    registry_cache_seconds: float = Field(default=5.0, ge=0, le=60)
     # Requests arriving within this window of each other go to the inference queue as one job.
     micro_batch_window_ms: float = Field(default=2.0, ge=0, le=100)
     micro_batch_max_rows: int = Field(default=1024, ge=1)

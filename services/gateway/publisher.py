@@ -90,6 +90,7 @@ class JobPublisher:
         }
         return orjson.dumps(envelope)
 
-    async def publish(self, message: bytes) -> None:
-        """Push a message from `message` onto the queue (RedisError when Redis is unreachable)."""
-        await self.redis.lpush(self.queue, message)
+    async def publish(self, message: bytes) -> int:
+        """Push a message from `message` onto the queue and return the queue's length after the push
+        (RedisError when Redis is unreachable)."""
+        return int(await self.redis.lpush(self.queue, message))

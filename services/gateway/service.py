@@ -22,6 +22,7 @@ from celery import Celery
 from redis.exceptions import RedisError
 
 from services.gateway.publisher import JobPublisher
+from services.gateway.registry_cache import RegistryCache
 from shared.celery_app import FAST_SERIALIZER
 from shared.http import ApiError
 from shared.names import (
@@ -29,6 +30,7 @@ from shared.names import (
     REDIS_API_KEYS,
     REDIS_AUDIT_LAG,
     REDIS_MODELS,
+    REDIS_REGISTRY_CHANNEL,
     REDIS_REPLY_CHANNEL_PREFIX,
     TASK_PREDICT,
 )
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 # The gateway reads the audit workers' lag reports this often, and ignores reports older than this.
 AUDIT_LAG_POLL_SECONDS = 0.25
 AUDIT_LAG_MAX_AGE_SECONDS = 2.0
+
+_REGISTRY_CHANNEL_BYTES = REDIS_REGISTRY_CHANNEL.encode()
 
 _NUMBER_TYPES = (int, float)
 _NUMBER_TYPE_SET = frozenset(_NUMBER_TYPES)
@@ -54,8 +58,9 @@ def _key_hash(authorization: str | None) -> str:
     return hash_api_key(api_key)
 
 
-# Registry entries are parsed once per distinct value (the lookup itself still goes to Redis on every
-# request, so a disabled key or a new model version takes effect at once).
+# Registry entries are parsed once per distinct value. The gateway keeps what it read for a few seconds
+# (registry_cache.py), emptied on every change, so a disabled key or a new model version takes effect at
+# once.
 @functools.lru_cache(maxsize=4096)
 def _client_identity(raw: bytes | str) -> ClientIdentity:
     return ClientIdentity.model_validate_json(raw)
@@ -98,11 +103,16 @@ async def deployed_model(registry: aioredis.Redis, name: str) -> DeployedModel:
 
 
 async def client_and_model(
-    registry: aioredis.Redis, authorization: str | None, name: str
+    registry: aioredis.Redis, authorization: str | None, name: str, cache: RegistryCache | None = None
 ) -> tuple[ClientIdentity, DeployedModel, int]:
     """`authenticate` and `deployed_model` in one Redis round trip (401 before 404, as separately),
-    with the inference queue's length for `Dispatcher.predict`."""
+    with the inference queue's length for `Dispatcher.predict`; from `cache` when it holds all three."""
     key_hash = _key_hash(authorization)
+    if cache is not None:
+        cached = cache.lookup(key_hash, name)
+        if cached is not None:
+            return cached
+        generation = cache.generation
     try:
         async with registry.pipeline(transaction=False) as pipe:
             pipe.hget(REDIS_API_KEYS, key_hash)
@@ -111,7 +121,10 @@ async def client_and_model(
             raw_client, raw_model, backlog = await pipe.execute()
     except RedisError as exc:
         raise ApiError(503, "the registry (Redis) is unavailable; retry shortly") from exc
-    return _identity_or_401(raw_client), _model_or_404(raw_model, name), int(backlog)
+    client, model = _identity_or_401(raw_client), _model_or_404(raw_model, name)
+    if cache is not None:
+        cache.store(generation, key_hash, client, name, model, int(backlog))
+    return client, model, int(backlog)
 
 
 def _first_non_number(values: list[Any]) -> Any:
@@ -524,10 +537,13 @@ class Dispatcher:
         admission: AdmissionControl | None = None,
         eager_jobs: int = 0,
         send_lone: bool = False,
+        registry_cache: RegistryCache | None = None,
     ) -> None:
         # Jobs go out as Celery task messages, pushed with this asyncio client (publisher.py).
         self.publisher = JobPublisher(celery, redis_client, QUEUE_INFERENCE, FAST_SERIALIZER)
         self.admission = admission
+        # Emptied on every registry change announced on the reply connection (registry_cache.py).
+        self.registry_cache = registry_cache
         self.redis = redis_client
         self.timeout = timeout
         self.max_backlog = max_backlog
@@ -538,6 +554,7 @@ class Dispatcher:
         # How many requests the gateway's last job carried (1 before the first: a first request is lone).
         self._last_job_requests = 1
         self.channel = REDIS_REPLY_CHANNEL_PREFIX + uuid.uuid4().hex
+        self._channel_bytes = self.channel.encode()
         self.jobs_sent = 0
         self._pending: dict[str, asyncio.Future[PredictReply]] = {}
         self._open_jobs: dict[tuple[str, int], _OpenJob] = {}
@@ -576,21 +593,37 @@ class Dispatcher:
         return self._reader is not None and not self._reader.done() and self._subscribed.is_set()
 
     async def _read_replies(self) -> None:
+        """Resolve replies from this gateway's channel; follow registry changes on the same connection."""
+        cache = self.registry_cache
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(self.channel, REDIS_REGISTRY_CHANNEL)
                 self._subscribed.set()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        self._resolve(message["data"])
+                    if message is None:
+                        continue
+                    channel = message["channel"]
+                    if message["type"] == "message":
+                        if channel == self._channel_bytes:
+                            self._resolve(message["data"])
+                        elif cache is not None:
+                            cache.invalidate()
+                    elif message["type"] == "subscribe" and channel == _REGISTRY_CHANNEL_BYTES:
+                        # From here on Redis sends this connection every registry change.
+                        if cache is not None:
+                            cache.activate()
             except asyncio.CancelledError:
+                if cache is not None:
+                    cache.deactivate()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                 raise
             except RedisError as exc:
                 self._subscribed.clear()
+                if cache is not None:
+                    cache.deactivate()  # changes may go unseen until the subscription is back
                 logger.warning("reply channel lost; resubscribing", extra={"error": str(exc)})
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
@@ -753,9 +786,11 @@ class Dispatcher:
                 # whatever shows task arguments.
                 kwargsrepr=f"{{job {job_id}: {len(job.requests)} requests, {job.rows} rows}}",
             )
-            await self.publisher.publish(message)
+            queued = await self.publisher.publish(message)
         except (RedisError, OSError) as exc:
             logger.warning("could not enqueue a job", extra={"error": str(exc)})
             self._fail(job, ApiError(503, "could not enqueue the request (Redis unavailable); retry shortly"))
         else:
             self.jobs_sent += 1
+            if self.registry_cache is not None:
+                self.registry_cache.observe_backlog(queued - 1)  # waiting besides this job

@@ -115,6 +115,17 @@ def test_every_answered_row_reaches_postgresql(
     ]
 
 
+def _registry_cache_hits(running_stack: RunningStack) -> float:
+    metrics = httpx.get(f"{running_stack.settings.gateway_url}/metrics").text
+    return float(
+        next(
+            line.split()[-1]
+            for line in metrics.splitlines()
+            if line.startswith("modelprint_gateway_registry_cache_hits ")
+        )
+    )
+
+
 def test_auth_missing_wrong_and_disabled_keys(
     running_stack: RunningStack, small_model: DeployedTestModel
 ) -> None:
@@ -127,9 +138,14 @@ def test_auth_missing_wrong_and_disabled_keys(
     wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer mp_not-a-real-key"})
     assert wrong.status_code == 401
     with gateway:
+        hits = _registry_cache_hits(running_stack)
         assert gateway.http.post(url, json=body).status_code == 200
+        assert gateway.http.post(url, json=body).status_code == 200
+        # The gateway kept the key's client (services/gateway/registry_cache.py) ...
+        assert _registry_cache_hits(running_stack) > hits
         with running_stack.operator() as operator:
             operator.set_client_disabled(client_id, disabled=True)
+        # ... and the change announced with the disabling emptied it: refused at once.
         disabled = gateway.http.post(url, json=body)
         assert disabled.status_code == 401
         assert "disabled" in disabled.json()["error"]
