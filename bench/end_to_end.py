@@ -250,7 +250,7 @@ def modelprint_server(
 
         def audited_rows() -> int:
             # The client's chain length: the rows stored, updated in their transaction. Read in O(1),
-            # where counting query_records cost PostgreSQL about 0.3 ms of CPU per batch-80 request
+            # where counting the stored rows cost PostgreSQL about 0.3 ms of CPU per batch-80 request
             # of the load (bench.cpu_breakdown's "bench" session) while the drain was polled.
             row = database.execute(
                 "SELECT length FROM client_chains WHERE client_id = %s", (created["id"],)
@@ -263,8 +263,8 @@ def modelprint_server(
         def scoring_caught_up() -> bool:
             """Whether every detector has scored the client's newest stored row (two index probes)."""
             row = database.execute(
-                "SELECT (SELECT max(id) FROM query_records WHERE client_id = %(c)s)"
-                " <= (SELECT min(last_record_id) FROM suspicion_states WHERE client_id = %(c)s)",
+                "SELECT (SELECT length FROM client_chains WHERE client_id = %(c)s)"
+                " <= (SELECT min(last_seq) FROM suspicion_states WHERE client_id = %(c)s)",
                 {"c": created["id"]},
             ).fetchone()
             return bool(row and row[0])

@@ -327,7 +327,7 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
                 broken += 1
                 print(
                     f"client {client_id}: BROKEN at record #{result['first_broken_seq']} "
-                    f"(id {result['first_broken_record_id']}): {result['reason']}"
+                    f"(request {result['first_broken_request_id']}): {result['reason']}"
                 )
     return 1 if broken else 0
 

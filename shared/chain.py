@@ -137,3 +137,59 @@ def link_records(prev_hash: str, first_seq: int, records: list[dict[str, Any]]) 
         prev_digest = digest.digest()
         prev_hash = record["record_hash"] = prev_digest.hex()
     return prev_hash
+
+
+def link_request(
+    prev_hash: str,
+    first_seq: int,
+    fields: Mapping[str, Any],
+    inputs: bytes,
+    probabilities: bytes,
+    label_indices: list[int],
+    labels: list[str],
+) -> bytes:
+    """Each row's record hash (32 raw bytes per row, in order) for one packed request.
+
+    Exactly `record_hash` for each row, linked from `prev_hash`: `fields` holds what a request's
+    rows share (client_id, request_id, model_name, model_version, scheme, key_id, answered_at), and
+    `inputs` and `probabilities` are the rows' float64 little-endian bytes one after another. The
+    shared JSON is formatted once and each row's arrays are fed to the hash as slices, without
+    building a record per row.
+    """
+    n_rows = len(label_indices)
+    input_width = len(inputs) // n_rows if n_rows else 0
+    probability_width = len(probabilities) // n_rows if n_rows else 0
+    before_seq = f"[{_encode_json(fields['client_id'])},"
+    before_row = f",{_encode_json(fields['request_id'])},"
+    after_row = (
+        f",{_encode_json(fields['model_name'])},{_encode_json(fields['model_version'])},"
+        f"{_encode_json(fields['scheme'])},{_encode_json(fields['key_id'])},"
+        f"{_encode_json(_timestamp(fields['answered_at']))},"
+    )
+    input_length = _LENGTH.pack(input_width // 8)
+    probability_length = _LENGTH.pack(probability_width // 8)
+    encoded_labels: dict[str, str] = {}
+    input_view = memoryview(inputs)
+    probability_view = memoryview(probabilities)
+    digests = bytearray()
+    prev_digest = bytes.fromhex(prev_hash)
+    for index in range(n_rows):
+        label = labels[index]
+        encoded_label = encoded_labels.get(label)
+        if encoded_label is None:
+            encoded_label = encoded_labels[label] = _encode_json(label)
+        header = (
+            f"{before_seq}{first_seq + index}{before_row}{index}{after_row}"
+            f"{_encode_int(label_indices[index])},{encoded_label}]"
+        ).encode()
+        digest = hashlib.sha256(prev_digest)
+        digest.update(CHAIN_TAG)
+        digest.update(_LENGTH.pack(len(header)))
+        digest.update(header)
+        digest.update(input_length)
+        digest.update(input_view[index * input_width : (index + 1) * input_width])
+        digest.update(probability_length)
+        digest.update(probability_view[index * probability_width : (index + 1) * probability_width])
+        prev_digest = digest.digest()
+        digests += prev_digest
+    return bytes(digests)

@@ -25,7 +25,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -90,28 +90,30 @@ class ModelVersion(Base):
     model: Mapped[Model] = relationship(back_populates="versions")
 
 
-class QueryRecord(Base):
-    """One answered input row: what was asked, what was returned, under which key."""
+class QueryRequest(Base):
+    """One answered request: every row it asked and every answer it got, under which key.
 
-    __tablename__ = "query_records"
+    A request's rows are stored together, packed: `inputs` is the rows' float64 little-endian bytes
+    one after another (n_rows x width), `probabilities` likewise, `label_indices` and `labels` one
+    entry per row. The rows keep their place in the client's hash chain: row i is record
+    `first_seq + i`, its record hash is the i-th 32 bytes of `record_hashes`, and the link before
+    the first row is `prev_hash` (shared/chain.py; `services.auditor.service.QueryRow` is one row as
+    the API, exports and verification see it). One heap tuple and three index entries per request
+    instead of one tuple and four entries per row (migration 0008).
+    """
+
+    __tablename__ = "query_requests"
     __table_args__ = (
-        # A request's rows are stored together (one COPY, one transaction), so its first row stands for
-        # all of them: one entry per request instead of one per row (migration 0007).
-        Index(
-            "uq_query_records_request_id_first_row",
-            "request_id",
-            unique=True,
-            postgresql_where=text("row_index = 0"),
-        ),
-        UniqueConstraint("client_id", "seq", name="uq_query_records_client_id_seq"),
-        Index("ix_query_records_client_id_id", "client_id", "id"),
-        # Scoring reads a client's new rows of one model in id order, and lists the client's models.
-        Index("ix_query_records_client_id_model_name_id", "client_id", "model_name", "id"),
+        # Refuses a request stored twice; the auditor's redelivery check probes it.
+        UniqueConstraint("request_id", name="uq_query_requests_request_id"),
+        # The client's history in chain order: pages, exports, verification.
+        UniqueConstraint("client_id", "first_seq", name="uq_query_requests_client_id_first_seq"),
+        # Scoring reads a client's new rows of one model in chain order, and lists the client's models.
+        Index("ix_query_requests_client_id_model_name_first_seq", "client_id", "model_name", "first_seq"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     request_id: Mapped[str] = mapped_column(String(64))
-    row_index: Mapped[int] = mapped_column(Integer)
     client_id: Mapped[int] = mapped_column(ForeignKey("clients.id"))
     model_name: Mapped[str] = mapped_column(String(100))
     model_version: Mapped[int] = mapped_column(Integer)
@@ -119,15 +121,18 @@ class QueryRecord(Base):
     key_id: Mapped[str] = mapped_column(String(100))
     answered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    # float64 little-endian bytes: exact, compact, and ~6x faster to COPY than float8[].
-    input: Mapped[bytes] = mapped_column(LargeBinary)
+    first_seq: Mapped[int] = mapped_column(BigInteger)
+    n_rows: Mapped[int] = mapped_column(Integer)
+    # float64 little-endian bytes, n_rows rows one after another: exact and compact. Stored
+    # uncompressed out of line (STORAGE EXTERNAL, migration 0008): float bits barely compress, and
+    # PostgreSQL would try on every insert.
+    inputs: Mapped[bytes] = mapped_column(LargeBinary)
     probabilities: Mapped[bytes] = mapped_column(LargeBinary)
-    label_index: Mapped[int] = mapped_column(Integer)
-    label: Mapped[str] = mapped_column(Text)
-    # Position in the client's hash chain and the chain links (see shared/chain.py).
-    seq: Mapped[int] = mapped_column(BigInteger)
+    label_indices: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    labels: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    # The chain link before the first row (hex) and each row's record hash (32 raw bytes per row).
     prev_hash: Mapped[str] = mapped_column(String(64))
-    record_hash: Mapped[str] = mapped_column(String(64))
+    record_hashes: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class ClientChain(Base):
@@ -152,7 +157,9 @@ class SuspicionState(Base):
     model_name: Mapped[str] = mapped_column(String(100), primary_key=True)
     detector: Mapped[str] = mapped_column(String(50), primary_key=True)
     state: Mapped[bytes | None] = mapped_column(LargeBinary)
-    last_record_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The chain position (seq) of the last of the client's rows this detector has seen (migration 0008;
+    # before it, a query_records id).
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     queries_seen: Mapped[int] = mapped_column(BigInteger, default=0)
     score: Mapped[float] = mapped_column(Float(precision=53))
     threshold: Mapped[float] = mapped_column(Float(precision=53))

@@ -231,7 +231,9 @@ def create_app(settings: AuditorSettings | None = None) -> FastAPI:
     def list_queries(
         client_id: int,
         session: SessionDep,
-        after_id: Annotated[int, Query(ge=0, description="Cursor: the last id of the previous page")] = 0,
+        after_id: Annotated[
+            int, Query(ge=0, description="Cursor: the last id (the row's seq) of the previous page")
+        ] = 0,
         limit: Annotated[int, Query(ge=1)] = 100,
     ) -> QueryPage:
         if limit > settings.audit_page_limit:
@@ -242,7 +244,8 @@ def create_app(settings: AuditorSettings | None = None) -> FastAPI:
             client_id=client_id,
             queries=[
                 QueryRecordOut(
-                    id=record.id,
+                    id=record.seq,
+                    seq=record.seq,
                     request_id=record.request_id,
                     row_index=record.row_index,
                     model=record.model_name,
@@ -256,7 +259,7 @@ def create_app(settings: AuditorSettings | None = None) -> FastAPI:
                 )
                 for record in records
             ],
-            next_after_id=records[-1].id if len(records) == limit else None,
+            next_after_id=records[-1].seq if len(records) == limit else None,
         )
 
     @app.get("/v1/clients/{client_id}/suspicion", dependencies=admin)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import String, cast, func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,7 +26,7 @@ from services.auditor.scanstats import (
     run_scan_tests,
 )
 from shared.config import Secrets
-from shared.db import Client, Model, ModelVersion, QueryRecord, Scan, Suspect
+from shared.db import Client, Model, ModelVersion, QueryRequest, Scan, Suspect
 from shared.fingerprint import FingerprintScheme
 from shared.modelfile import load_model_bytes
 
@@ -111,23 +111,36 @@ class KitCache:
             return self._kits[key]
 
 
+# The sample: every (request, row) of the client's stored requests under the model, scheme and key,
+# ordered by a hash of (request id, row index, seed) instead of random() so a scan can be re-run on
+# the same rows; only the chosen rows' inputs are sliced out of their packed requests.
+_SAMPLE_ROWS_SQL = text(
+    "WITH chosen AS ("
+    " SELECT q.id, g.i FROM query_requests q CROSS JOIN LATERAL generate_series(0, q.n_rows - 1) AS g(i)"
+    " WHERE q.client_id = :client AND q.model_name = :model AND q.scheme = :scheme AND q.key_id = :key"
+    " ORDER BY md5(q.request_id || ':' || g.i || ':' || :seed) LIMIT :limit"
+    ") SELECT substring(q.inputs FROM c.i * (length(q.inputs) / q.n_rows) + 1"
+    " FOR length(q.inputs) / q.n_rows) AS input"
+    " FROM chosen c JOIN query_requests q ON q.id = c.id"
+    " ORDER BY md5(q.request_id || ':' || c.i || ':' || :seed)"
+)
+
+
 def _sample_rows(
     session: Session, client_id: int, model_name: str, limit: int, marked_by: tuple[str, str], seed: int
 ) -> np.ndarray:
     """A sample of the client's logged inputs answered under (scheme, key id), reproducible per seed."""
     scheme_name, key_id = marked_by
-    # Ordering by a hash of (id, seed) instead of random() lets a scan be re-run on the same rows.
-    shuffle = func.md5(func.concat(cast(QueryRecord.id, String), ":", str(seed)))
     rows = session.execute(
-        select(QueryRecord.input)
-        .where(
-            QueryRecord.client_id == client_id,
-            QueryRecord.model_name == model_name,
-            QueryRecord.scheme == scheme_name,
-            QueryRecord.key_id == key_id,
-        )
-        .order_by(shuffle)
-        .limit(limit)
+        _SAMPLE_ROWS_SQL,
+        {
+            "client": client_id,
+            "model": model_name,
+            "scheme": scheme_name,
+            "key": key_id,
+            "seed": str(seed),
+            "limit": limit,
+        },
     ).all()
     if not rows:
         return np.empty((0, 0))
@@ -139,11 +152,11 @@ def _replay_candidates(session: Session, suspect: Suspect, limit: int) -> list[t
     if suspect.suspected_client_id is not None:
         return [(suspect.suspected_client_id, limit)]
     counts = session.execute(
-        select(QueryRecord.client_id, func.count())
-        .where(QueryRecord.model_name == suspect.model_name)
-        .group_by(QueryRecord.client_id)
-        .having(func.count() >= MIN_REPLAY_ROWS)
-        .order_by(func.count().desc())
+        select(QueryRequest.client_id, func.sum(QueryRequest.n_rows))
+        .where(QueryRequest.model_name == suspect.model_name)
+        .group_by(QueryRequest.client_id)
+        .having(func.sum(QueryRequest.n_rows) >= MIN_REPLAY_ROWS)
+        .order_by(func.sum(QueryRequest.n_rows).desc())
         .limit(MAX_CLIENTS_WITHOUT_SUSPECT)
     ).all()
     return [(int(client_id), ROWS_PER_CLIENT_WITHOUT_SUSPECT) for client_id, _ in counts]

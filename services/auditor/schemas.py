@@ -48,7 +48,8 @@ class ModelOut(BaseModel):
 
 
 class QueryRecordOut(BaseModel):
-    id: int
+    id: int = Field(description="The paging cursor: equal to seq")
+    seq: int = Field(description="The row's position in the client's history and hash chain (from 1)")
     request_id: str
     row_index: int
     model: str
@@ -75,7 +76,7 @@ class ChainVerificationOut(BaseModel):
     head_hash: str = Field(description="The recomputed head of the chain (up to the first broken link)")
     stored_head_hash: str
     first_broken_seq: int | None
-    first_broken_record_id: int | None
+    first_broken_request_id: str | None = Field(description="The request holding the first broken record")
     reason: str | None
 
 

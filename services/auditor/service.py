@@ -16,8 +16,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from shared.chain import GENESIS_HASH, link_records, record_hash
-from shared.db import Client, ClientChain, Model, ModelVersion, QueryRecord
+from shared.chain import GENESIS_HASH, link_request, record_hash
+from shared.db import Client, ClientChain, Model, ModelVersion, QueryRequest
 from shared.modelfile import describe_classifier, load_model_bytes, load_reference_data
 from shared.registry import publish_api_key, publish_model, replace_registry, revoke_api_key
 from shared.schemas import ClientIdentity, DeployedModel, QueryBatch
@@ -158,26 +158,26 @@ def get_model(session: Session, name: str) -> Model:
     return model
 
 
-# The columns a query record is inserted with and their PostgreSQL types (binary COPY needs the exact
+# The columns a stored request is inserted with and their PostgreSQL types (binary COPY needs the exact
 # types; tests/integration check them against the table).
-QUERY_RECORD_COLUMN_TYPES = (
+QUERY_REQUEST_COLUMN_TYPES = (
     ("request_id", "varchar"),
-    ("row_index", "int4"),
     ("client_id", "int4"),
     ("model_name", "varchar"),
     ("model_version", "int4"),
     ("scheme", "varchar"),
     ("key_id", "varchar"),
     ("answered_at", "timestamptz"),
-    ("input", "bytea"),
+    ("first_seq", "int8"),
+    ("n_rows", "int4"),
+    ("inputs", "bytea"),
     ("probabilities", "bytea"),
-    ("label_index", "int4"),
-    ("label", "text"),
-    ("seq", "int8"),
+    ("label_indices", "int4[]"),
+    ("labels", "text[]"),
     ("prev_hash", "varchar"),
-    ("record_hash", "varchar"),
+    ("record_hashes", "bytea"),
 )
-QUERY_RECORD_COLUMNS = tuple(column for column, _ in QUERY_RECORD_COLUMN_TYPES)
+QUERY_REQUEST_COLUMNS = tuple(column for column, _ in QUERY_REQUEST_COLUMN_TYPES)
 
 
 def lock_chain(session: Session, client_id: int) -> ClientChain:
@@ -202,7 +202,7 @@ class StoredBatch:
 
 
 def store_query_batch(session: Session, batch: QueryBatch) -> StoredBatch:
-    """Append a request's rows to the client's hash chain with one COPY; redelivered rows are skipped."""
+    """Append a request's rows to the client's hash chain with one COPY; a redelivery is skipped."""
     return store_client_batches(session, batch.client_id, [batch])
 
 
@@ -213,35 +213,66 @@ def store_client_batches(session: Session, client_id: int, batches: list[QueryBa
     chain = lock_chain(session, client_id)
     # Under the chain lock, a concurrent redelivery of the same batches sees these rows once committed.
     stored = stored_requests(session, [batch.request_id for batch in batches])
-    rows = [row for batch in batches if batch.request_id not in stored for row in batch.rows()]
     length_before = chain.length
-    if not rows:
+    head_hash = chain.head_hash
+    next_seq = chain.length + 1
+    requests = []
+    for batch in batches:
+        if batch.request_id in stored or not batch.label_indices:
+            continue
+        stored.add(batch.request_id)  # the same request twice in one drain is stored once
+        request = packed_request(batch, next_seq, head_hash)
+        requests.append(request)
+        head_hash = request["record_hashes"][-32:].hex()
+        next_seq += request["n_rows"]
+    if not requests:
         return StoredBatch(0, length_before, length_before)
-    chain.head_hash = link_records(chain.head_hash, chain.length + 1, rows)
-    chain.length += len(rows)
-    copy_rows(session, rows)
+    chain.head_hash = head_hash
+    chain.length = next_seq - 1
+    copy_requests(session, requests)
     session.flush()
-    return StoredBatch(len(rows), length_before, chain.length)
+    return StoredBatch(chain.length - length_before, length_before, chain.length)
 
 
-# Which of these requests are stored already: one probe of the unique index per request, for its
-# first row. A request's rows are stored together (one COPY, one transaction), so the first row
-# stands for all of them, and the index holds first rows only (uq_query_records_request_id_first_row,
-# migration 0007; it also refuses a request stored twice). The probe's `row_index = 0` matches the
-# index's predicate and its equality on request_id its unique key, so the planner expects at most
-# one row per request whatever its statistics say. The query it replaced, `request_id IN (...)`, was
-# planned with the default selectivity of an unanalysed column (0.5% of the table per id) until
-# autovacuum first analysed the table, which for a drain of 30 requests meant a sequential scan of
-# the whole table in every transaction; on a table growing by 21,000 rows/s the first analysis came
-# late (bench.cpu_breakdown, PostgreSQL by session).
+def packed_request(batch: QueryBatch, first_seq: int, prev_hash: str) -> dict[str, Any]:
+    """A request as one insertable row: its arrays packed, each of its rows linked into the chain."""
+    inputs = np.ascontiguousarray(batch.inputs, dtype="<f8").tobytes()
+    probabilities = np.ascontiguousarray(batch.probabilities, dtype="<f8").tobytes()
+    fields = {
+        "request_id": batch.request_id,
+        "client_id": batch.client_id,
+        "model_name": batch.model,
+        "model_version": batch.version,
+        "scheme": batch.scheme,
+        "key_id": batch.key_id,
+        "answered_at": batch.answered_at,
+    }
+    record_hashes = link_request(
+        prev_hash, first_seq, fields, inputs, probabilities, batch.label_indices, batch.labels
+    )
+    return {
+        **fields,
+        "first_seq": first_seq,
+        "n_rows": len(batch.label_indices),
+        "inputs": inputs,
+        "probabilities": probabilities,
+        "label_indices": batch.label_indices,
+        "labels": batch.labels,
+        "prev_hash": prev_hash,
+        "record_hashes": record_hashes,
+    }
+
+
+# Which of these requests are stored already (redeliveries): one probe of the unique index on
+# request_id per request.
 STORED_REQUESTS = text(
     "SELECT r.request_id FROM unnest(CAST(:request_ids AS varchar[])) AS r(request_id) "
-    "WHERE EXISTS (SELECT 1 FROM query_records q WHERE q.request_id = r.request_id AND q.row_index = 0)"
+    "WHERE EXISTS (SELECT 1 FROM query_requests q WHERE q.request_id = r.request_id)"
 )
 
 
 def stored_requests(session: Session, request_ids: list[str]) -> set[str]:
-    """The request ids among these whose rows are in query_records already (redeliveries)."""
+    """The request ids among these that are in query_requests already (redeliveries)."""
     return set(session.execute(STORED_REQUESTS, {"request_ids": request_ids}).scalars())
 
 
@@ -256,26 +287,98 @@ def store_query_batches(session: Session, batches: list[QueryBatch]) -> dict[int
     }
 
 
-def copy_rows(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Bulk-insert query records with a binary PostgreSQL COPY inside the session's transaction.
+def copy_requests(session: Session, requests: list[dict[str, Any]]) -> None:
+    """Bulk-insert stored requests with a binary PostgreSQL COPY inside the session's transaction.
 
-    Binary rather than text: no hex encoding of the inputs and probabilities for PostgreSQL to decode,
-    no text to escape or parse, and psycopg's compiled row writer. Against the text COPY formatted by
-    hand it replaced, per stored 80-feature row: PostgreSQL 10.0-10.6 against 13.7-16.9 µs of CPU,
-    the worker 2.0-3.6 against 7.9-9.5 µs (16,000-row transactions, embedded PostgreSQL); in the
-    stack PostgreSQL's share fell by about 0.5 ms per batch-80 request, the audit worker's did not
-    move beyond noise (README, Benchmarks).
+    Binary: the packed arrays go as they are, with no hex encoding for PostgreSQL to decode and no
+    text to escape or parse.
     """
     connection = session.connection().connection.driver_connection
     assert connection is not None
-    columns = ", ".join(QUERY_RECORD_COLUMNS)
+    columns = ", ".join(QUERY_REQUEST_COLUMNS)
     with (
         connection.cursor() as cursor,
-        cursor.copy(f"COPY query_records ({columns}) FROM STDIN (FORMAT BINARY)") as copy,
+        cursor.copy(f"COPY query_requests ({columns}) FROM STDIN (FORMAT BINARY)") as copy,
     ):
-        copy.set_types([kind for _, kind in QUERY_RECORD_COLUMN_TYPES])
-        for row in rows:
-            copy.write_row([row[column] for column in QUERY_RECORD_COLUMNS])
+        copy.set_types([kind for _, kind in QUERY_REQUEST_COLUMN_TYPES])
+        for request in requests:
+            copy.write_row([request[column] for column in QUERY_REQUEST_COLUMNS])
+
+
+@dataclass(frozen=True)
+class QueryRow:
+    """One answered input row of a stored request, as the history API, exports and verification see it.
+
+    `seq` is the row's position in the client's history (1 for the first row it was ever answered),
+    which is also its place in the hash chain; `input` and `probabilities` are float64
+    little-endian bytes.
+    """
+
+    seq: int
+    request_id: str
+    row_index: int
+    client_id: int
+    model_name: str
+    model_version: int
+    scheme: str
+    key_id: str
+    answered_at: datetime
+    input: bytes
+    probabilities: bytes
+    label_index: int
+    label: str
+    prev_hash: str
+    record_hash: str
+
+    def chain_fields(self) -> dict[str, Any]:
+        """The fields `shared.chain.record_hash` covers."""
+        return {
+            "client_id": self.client_id,
+            "seq": self.seq,
+            "request_id": self.request_id,
+            "row_index": self.row_index,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "scheme": self.scheme,
+            "key_id": self.key_id,
+            "answered_at": self.answered_at,
+            "label_index": self.label_index,
+            "label": self.label,
+            "input": self.input,
+            "probabilities": self.probabilities,
+        }
+
+
+def request_rows(request: QueryRequest, first_row: int = 0) -> list[QueryRow]:
+    """A stored request's rows from `first_row` on, unpacked."""
+    n_rows = request.n_rows
+    input_width = len(request.inputs) // n_rows
+    probability_width = len(request.probabilities) // n_rows
+    hashes = request.record_hashes
+    rows = []
+    for index in range(first_row, n_rows):
+        rows.append(
+            QueryRow(
+                seq=request.first_seq + index,
+                request_id=request.request_id,
+                row_index=index,
+                client_id=request.client_id,
+                model_name=request.model_name,
+                model_version=request.model_version,
+                scheme=request.scheme,
+                key_id=request.key_id,
+                answered_at=request.answered_at,
+                input=request.inputs[index * input_width : (index + 1) * input_width],
+                probabilities=request.probabilities[
+                    index * probability_width : (index + 1) * probability_width
+                ],
+                label_index=request.label_indices[index],
+                label=request.labels[index],
+                prev_hash=request.prev_hash if index == 0 else hashes[(index - 1) * 32 : index * 32].hex(),
+                record_hash=hashes[index * 32 : (index + 1) * 32].hex(),
+            )
+        )
+    return rows
 
 
 @dataclass(frozen=True)
@@ -289,11 +392,25 @@ class ChainVerification:
     head_hash: str
     stored_head_hash: str
     first_broken_seq: int | None
-    first_broken_record_id: int | None
+    first_broken_request_id: str | None
     reason: str | None
 
 
-def verify_chain(session: Session, client_id: int, chunk_size: int = 5000) -> ChainVerification:
+def _requests_in_chain_order(session: Session, client_id: int, chunk_size: int) -> Iterator[QueryRequest]:
+    statement = (
+        select(QueryRequest)
+        .where(QueryRequest.client_id == client_id)
+        .order_by(QueryRequest.first_seq)
+        .execution_options(yield_per=chunk_size)
+    )
+    with sorts_as_last_resort(session):
+        requests = session.scalars(statement)  # planned and opened here, read below
+    for request in requests:
+        yield request
+        session.expunge(request)
+
+
+def verify_chain(session: Session, client_id: int, chunk_size: int = 100) -> ChainVerification:
     """Recompute every link of a client's chain; report the first broken one, if any."""
     get_client(session, client_id)
     chain = session.get(ClientChain, client_id)
@@ -302,49 +419,62 @@ def verify_chain(session: Session, client_id: int, chunk_size: int = 5000) -> Ch
     expected_prev = GENESIS_HASH
     expected_seq = 1
     checked = 0
-    statement = (
-        select(QueryRecord)
-        .where(QueryRecord.client_id == client_id)
-        .order_by(QueryRecord.seq)
-        .execution_options(yield_per=chunk_size)
-    )
 
-    def broken(record: QueryRecord | None, reason: str) -> ChainVerification:
+    def broken(seq: int, request_id: str | None, reason: str) -> ChainVerification:
         return ChainVerification(
-            client_id,
-            False,
-            checked,
-            stored_length,
-            expected_prev,
-            stored_head,
-            record.seq if record is not None else expected_seq,
-            record.id if record is not None else None,
-            reason,
+            client_id, False, checked, stored_length, expected_prev, stored_head, seq, request_id, reason
         )
 
-    with sorts_as_last_resort(session):
-        records = session.scalars(statement)  # planned and opened here, read below
-    for record in records:
-        values = {column: getattr(record, column) for column in QUERY_RECORD_COLUMNS if column != "client_id"}
-        values["client_id"] = record.client_id
-        if record.seq != expected_seq:
+    for request in _requests_in_chain_order(session, client_id, chunk_size):
+        if request.first_seq != expected_seq:
             return broken(
-                record, f"expected record #{expected_seq} but found #{record.seq} (a record is missing)"
+                request.first_seq,
+                request.request_id,
+                f"expected record #{expected_seq} but found #{request.first_seq} (a record is missing)",
             )
-        if record.prev_hash != expected_prev:
-            return broken(record, f"record #{record.seq} does not link to the record before it")
-        if record_hash(expected_prev, values) != record.record_hash:
-            return broken(record, f"record #{record.seq} (id {record.id}) was modified after it was stored")
-        expected_prev = record.record_hash
-        expected_seq += 1
-        checked += 1
-    session.expunge_all()
+        if not _well_formed(request):
+            return broken(
+                request.first_seq,
+                request.request_id,
+                f"request {request.request_id} (records #{request.first_seq}-"
+                f"#{request.first_seq + request.n_rows - 1}) was modified after it was stored",
+            )
+        for row in request_rows(request):
+            if row.prev_hash != expected_prev:
+                return broken(
+                    row.seq, row.request_id, f"record #{row.seq} does not link to the record before it"
+                )
+            if record_hash(expected_prev, row.chain_fields()) != row.record_hash:
+                return broken(
+                    row.seq,
+                    row.request_id,
+                    f"record #{row.seq} (row {row.row_index} of request {row.request_id}) was modified"
+                    " after it was stored",
+                )
+            expected_prev = row.record_hash
+            expected_seq += 1
+            checked += 1
     if checked != stored_length or expected_prev != stored_head:
         return broken(
-            None, f"the chain head says {stored_length} records but {checked} were found (records deleted)"
+            expected_seq,
+            None,
+            f"the chain head says {stored_length} records but {checked} were found (records deleted)",
         )
     return ChainVerification(
         client_id, True, checked, stored_length, expected_prev, stored_head, None, None, None
+    )
+
+
+def _well_formed(request: QueryRequest) -> bool:
+    """Whether a stored request's packed arrays agree with its row count (else it cannot be unpacked)."""
+    n_rows = request.n_rows
+    return (
+        n_rows > 0
+        and len(request.inputs) % (8 * n_rows) == 0
+        and len(request.probabilities) % (8 * n_rows) == 0
+        and len(request.label_indices) == n_rows
+        and len(request.labels) == n_rows
+        and len(request.record_hashes) == 32 * n_rows
     )
 
 
@@ -353,49 +483,53 @@ def sorts_as_last_resort(session: Session) -> Iterator[None]:
     """Within this block, PostgreSQL plans a sort only when nothing else gives the order asked for.
 
     For reads of a client's history in index order (a page after a cursor, the whole chain by seq):
-    until autovacuum first analyses query_records, PostgreSQL guesses that a client's rows are a
-    small share of the table and plans a bitmap scan of all of them plus a sort, so each page of
-    the history API read the rest of the history (3,677 blocks against 3 for a page of 100 rows of
-    a 240,000-row table without statistics, `tests/integration/test_audit_service.py`). The index
-    already holds the rows in order. Statements executed in the block are planned with the setting;
-    an error ends the transaction, which drops it too.
+    until autovacuum first analyses the table, PostgreSQL may guess that a client's requests are a
+    small share of it and plan a bitmap scan of all of them plus a sort, so each page of the history
+    API would read the rest of the history (measured on query_records, the per-row table before
+    migration 0008: 3,677 blocks against 3 for a page of 100 rows of a 240,000-row table without
+    statistics). The index already holds the requests in order. Statements executed in the block are
+    planned with the setting; an error ends the transaction, which drops it too.
     """
     session.execute(text("SET LOCAL enable_sort = off"))
     yield
     session.execute(text("SET LOCAL enable_sort TO DEFAULT"))
 
 
-def list_queries(session: Session, client_id: int, after_id: int, limit: int) -> list[QueryRecord]:
-    """A page of a client's query records in storage order, after a cursor."""
+def list_queries(session: Session, client_id: int, after_seq: int, limit: int) -> list[QueryRow]:
+    """A page of a client's answered rows in chain order, after a cursor (the last seq seen)."""
     get_client(session, client_id)
-    with sorts_as_last_resort(session):
-        return list(
-            session.scalars(
-                select(QueryRecord)
-                .where(QueryRecord.client_id == client_id, QueryRecord.id > after_id)
-                .order_by(QueryRecord.id)
-                .limit(limit)
-            )
+    # The request holding row `after_seq + 1` starts at or before it: the last one starting there.
+    start = session.scalar(
+        select(func.coalesce(func.max(QueryRequest.first_seq), 1)).where(
+            QueryRequest.client_id == client_id, QueryRequest.first_seq <= after_seq + 1
         )
-
-
-def iter_queries(session: Session, client_id: int, chunk_size: int = 5000) -> Iterator[QueryRecord]:
-    """Every record of a client in chain order, fetched in chunks (constant memory)."""
-    statement = (
-        select(QueryRecord)
-        .where(QueryRecord.client_id == client_id)
-        .order_by(QueryRecord.seq)
-        .execution_options(yield_per=chunk_size)
     )
+    rows: list[QueryRow] = []
     with sorts_as_last_resort(session):
-        records = session.scalars(statement)  # planned and opened here, read below
-    yield from records
+        requests = session.scalars(
+            select(QueryRequest)
+            .where(QueryRequest.client_id == client_id, QueryRequest.first_seq >= start)
+            .order_by(QueryRequest.first_seq)
+            .limit(limit)  # each request holds at least one row
+            .execution_options(yield_per=16)
+        )
+        for request in requests:
+            rows.extend(request_rows(request, max(after_seq + 1 - request.first_seq, 0)))
+            if len(rows) >= limit:
+                break
+        requests.close()
+    return rows[:limit]
 
 
-def record_export(record: QueryRecord) -> dict[str, Any]:
-    """A record as exported: everything needed to re-verify its chain link offline."""
+def iter_queries(session: Session, client_id: int, chunk_size: int = 100) -> Iterator[QueryRow]:
+    """Every answered row of a client in chain order, read a chunk of requests at a time."""
+    for request in _requests_in_chain_order(session, client_id, chunk_size):
+        yield from request_rows(request)
+
+
+def record_export(record: QueryRow) -> dict[str, Any]:
+    """A row as exported: everything needed to re-verify its chain link offline."""
     return {
-        "id": record.id,
         "seq": record.seq,
         "client_id": record.client_id,
         "request_id": record.request_id,
@@ -420,12 +554,11 @@ def floats(data: bytes) -> list[float]:
 
 
 def export_npz(session: Session, client_id: int) -> bytes:
-    """A client's history as an .npz of arrays (inputs, probabilities, labels, ids, hashes), no pickle."""
+    """A client's history as an .npz of arrays (inputs, probabilities, labels, seqs, hashes), no pickle."""
     records = [record_export(record) for record in iter_queries(session, client_id)]
     buffer = io.BytesIO()
     np.savez_compressed(
         buffer,
-        id=np.array([r["id"] for r in records], dtype=np.int64),
         seq=np.array([r["seq"] for r in records], dtype=np.int64),
         request_id=np.array([r["request_id"] for r in records], dtype=str),
         row_index=np.array([r["row_index"] for r in records], dtype=np.int64),
@@ -453,7 +586,9 @@ def _ragged_to_matrix(rows: list[list[float]]) -> np.ndarray:
 
 def count_queries(session: Session, client_id: int) -> int:
     """How many rows a client has been answered."""
-    return int(session.scalar(select(func.count()).where(QueryRecord.client_id == client_id)) or 0)
+    return int(
+        session.scalar(select(func.sum(QueryRequest.n_rows)).where(QueryRequest.client_id == client_id)) or 0
+    )
 
 
 def sync_registry(session: Session, registry: redis.Redis) -> tuple[int, int]:

@@ -15,12 +15,13 @@ import psycopg
 import pytest
 import redis
 from alembic import command
-from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint, create_engine, func, make_url, select, text
+from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint, create_engine, make_url, select, text
 from sqlalchemy.orm import Session
 
 from services.auditor import service, suspicion
 from shared import audit_outbox
-from shared.db import QueryRecord, SuspicionState, get_engine, session_scope
+from shared.chain import GENESIS_HASH, link_records
+from shared.db import QueryRequest, SuspicionState, get_engine, session_scope
 from shared.migrate import alembic_config, upgrade_to_head
 from shared.names import (
     REDIS_API_KEYS,
@@ -68,30 +69,41 @@ def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _plan_nodes(child)
 
 
-def _unanalysed_query_records(
-    session: Session, rows: int = 240_000, clients: tuple[int, int] = (1, 2)
+def _unanalysed_query_requests(
+    session: Session, requests: int = 3000, clients: tuple[int, int] = (1, 2)
 ) -> None:
-    """A temporary query_records, searched before the real one for the rest of the transaction: the
-    real one's columns and indexes, `rows` rows and no statistics (autovacuum never analyses temporary
-    tables), as a fresh deployment's table is under load until autovacuum's first analysis. Rows come
-    80 to a request (request_id = md5 of the request number); even requests belong to the first
-    client, which queries models "ecg-a" and "ecg-b" in turn, odd ones to the second and "ecg-c".
-    Row i has id i + 1; its seq counts the client's rows from 1."""
+    """A temporary query_requests, searched before the real one for the rest of the transaction: the
+    real one's columns and indexes, `requests` requests of 80 one-feature rows (240,000 rows by
+    default) and no statistics (autovacuum never analyses temporary tables), as a fresh deployment's
+    table is under load until autovacuum's first analysis. Request r has request_id md5(r); even
+    requests belong to the first client, which queries models "ecg-a" and "ecg-b" in turn, odd ones
+    to the second and "ecg-c". A client's rows are numbered (seq) from 1 in request order, and row j
+    of request r has input r * 80 + j (see `_as_stored`)."""
     session.execute(
-        text("CREATE TEMP TABLE query_records (LIKE public.query_records INCLUDING ALL) ON COMMIT DROP")
+        text("CREATE TEMP TABLE query_requests (LIKE public.query_requests INCLUDING ALL) ON COMMIT DROP")
     )
     session.execute(
         text(
-            "INSERT INTO query_records (id, request_id, row_index, client_id, model_name, model_version,"
-            " scheme, key_id, answered_at, input, probabilities, label_index, label, seq, prev_hash,"
-            " record_hash) SELECT i + 1, md5((i / 80)::text), i % 80,"
-            " CASE WHEN (i / 80) % 2 = 0 THEN :first ELSE :second END,"
-            " CASE WHEN (i / 80) % 2 = 1 THEN 'ecg-c' WHEN (i / 160) % 2 = 0 THEN 'ecg-a' ELSE 'ecg-b' END,"
-            " 1, 's', 'k', now(), int8send(i), '', 0, 'x', (i / 160) * 80 + i % 80 + 1, '', ''"
-            " FROM generate_series(0, :last) AS i"
+            "INSERT INTO query_requests (request_id, client_id, model_name, model_version, scheme, key_id,"
+            " answered_at, first_seq, n_rows, inputs, probabilities, label_indices, labels, prev_hash,"
+            " record_hashes) SELECT md5(r::text),"
+            " CASE WHEN r % 2 = 0 THEN :first ELSE :second END,"
+            " CASE WHEN r % 2 = 1 THEN 'ecg-c' WHEN (r / 2) % 2 = 0 THEN 'ecg-a' ELSE 'ecg-b' END,"
+            " 1, 's', 'k', now(), (r / 2) * 80 + 1, 80,"
+            " (SELECT string_agg(float8send((r * 80 + j)::float8), ''::bytea ORDER BY j)"
+            "  FROM generate_series(0, 79) AS j),"
+            " '\\x00'::bytea, array_fill(0, ARRAY[80]), array_fill('x'::text, ARRAY[80]), '',"
+            " decode(repeat('00', 32 * 80), 'hex')"
+            " FROM generate_series(0, :last) AS r"
         ),
-        {"last": rows - 1, "first": clients[0], "second": clients[1]},
+        {"last": requests - 1, "first": clients[0], "second": clients[1]},
     )
+
+
+def _as_stored(values: list[int]) -> list[float]:
+    """The inputs `_unanalysed_query_requests` wrote for these values, read as the auditor reads them
+    (float8send writes big-endian bytes; the auditor stores and reads little-endian)."""
+    return np.frombuffer(np.array(values, dtype=">f8").tobytes(), dtype="<f8").tolist()
 
 
 def _plan_scans(session: Session, sql: str, parameters: dict[str, Any] | tuple[Any, ...]) -> list[str]:
@@ -109,16 +121,16 @@ def test_redelivery_probe_uses_the_unique_index_on_a_large_unanalysed_table(
     running_stack: RunningStack,
 ) -> None:
     """The check for already stored requests stays one index probe per request on a table that
-    autovacuum has not analysed yet, and finds exactly the stored requests. `request_id IN (...)`,
-    the check it replaced, is planned there as a sequential scan of the whole table."""
+    autovacuum has not analysed yet, and finds exactly the stored requests. (`request_id IN (...)`,
+    an earlier form of the check, was planned there as a sequential scan of the whole table.)"""
     with session_scope(running_stack.stack.database_url or "") as session:
-        _unanalysed_query_records(session)
+        _unanalysed_query_requests(session)
         stored_ids = [hashlib.md5(str(i).encode()).hexdigest() for i in (0, 17, 2999)]  # noqa: S324
         probed = stored_ids + [uuid.uuid4().hex for _ in range(27)]
         plan = session.execute(
             text(f"EXPLAIN (FORMAT JSON) {service.STORED_REQUESTS.text}"), {"request_ids": probed}
         ).scalar_one()[0]["Plan"]
-        nodes = [node for node in _plan_nodes(plan) if node.get("Relation Name") == "query_records"]
+        nodes = [node for node in _plan_nodes(plan) if node.get("Relation Name") == "query_requests"]
         assert nodes, plan
         assert {node["Node Type"] for node in nodes} <= {"Index Scan", "Index Only Scan"}, plan
         assert service.stored_requests(session, probed) == set(stored_ids)
@@ -128,11 +140,11 @@ def test_redelivery_probe_uses_the_unique_index_on_a_large_unanalysed_table(
 def test_scoring_reads_stop_at_their_limit_on_a_large_unanalysed_table(running_stack: RunningStack) -> None:
     """Scoring lists a client's models and reads a block of one model's new rows by ordered index
     scans, neither reading the rest of the backlog nor sorting it, on a table that autovacuum has not
-    analysed yet. (Before the (client_id, model_name, id) index, the block read was planned as a
-    bitmap scan of the client's whole backlog and a sort spilled to disk; the model list read every
-    new row.)"""
+    analysed yet, and starts exactly after its cursor, inside a request. (Before the
+    (client_id, model_name, ...) index, the block read was planned as a bitmap scan of the client's
+    whole backlog and a sort spilled to disk; the model list read every new row.)"""
     with session_scope(running_stack.stack.database_url or "") as session:
-        _unanalysed_query_records(session)
+        _unanalysed_query_requests(session)
         models_plan = _plan_scans(session, suspicion._CLIENT_MODELS_SQL, {"client": 1})
         assert "Seq Scan" not in models_plan, models_plan
         assert "Sort" not in models_plan, models_plan
@@ -142,13 +154,26 @@ def test_scoring_reads_stop_at_their_limit_on_a_large_unanalysed_table(running_s
         assert suspicion._client_models(session, 3) == []
 
         after, limit = 1000, suspicion.MAX_ROWS_PER_JOB
-        rows_plan = _plan_scans(session, suspicion._NEW_ROWS_SQL, (1, "ecg-b", after, limit))
-        assert rows_plan == ["Limit", "Index Scan"], rows_plan
-        ids, inputs, _ = suspicion._new_rows(session, 1, "ecg-b", after)
-        # Client 1's "ecg-b" rows: requests 2, 6, 10, ... (i / 80 = 2 mod 4), ids i + 1.
-        expected = [i + 1 for i in range(240_000) if (i // 80) % 4 == 2 and i + 1 > after][:limit]
-        assert ids.tolist() == expected
-        assert inputs.shape == (limit, 1)
+        rows_plan = _plan_scans(
+            session, suspicion._NEW_ROWS_SQL, {"client": 1, "model": "ecg-b", "after": after}
+        )
+        assert not {"Seq Scan", "Sort", "Bitmap Heap Scan"} & set(rows_plan), rows_plan
+        blocks_before = _heap_blocks_read(session)
+        seqs, inputs, _ = suspicion._new_rows(session, 1, "ecg-b", after)
+        blocks_read = _heap_blocks_read(session) - blocks_before
+        # Client 1's requests r = 0, 2, 4, ... hold its rows (r / 2) * 80 + 1 to + 80; its "ecg-b"
+        # requests are r = 2, 6, 10, ...: rows 81-160, 241-320, ...; row 1000 is in r = 24 (ecg-b).
+        expected = [
+            (seq, r * 80 + (seq - ((r // 2) * 80 + 1)))
+            for r in range(2, 3000, 4)
+            for seq in range((r // 2) * 80 + 1, (r // 2) * 80 + 81)
+            if seq > after
+        ][:limit]
+        assert seqs.tolist() == [seq for seq, _ in expected]
+        assert inputs[:, 0].tolist() == _as_stored([value for _, value in expected])
+        # 250 requests of this model give the job's 20,000 rows (a heap fetch each, 257 measured, with
+        # the cursor's read-ahead); the model's 750 requests are not all read.
+        assert blocks_read < 400, f"{blocks_read} blocks read for a job of {limit} rows"
         session.rollback()
 
 
@@ -179,47 +204,50 @@ def test_scoring_catches_up_on_a_burst_larger_than_one_job_without_new_queries(
             )
             assert service.store_query_batch(session, batch).inserted == count
     with session_scope(database_url) as session:
-        newest = session.scalar(select(func.max(QueryRecord.id)).where(QueryRecord.client_id == client_id))
+        newest = service.count_queries(session, client_id)
 
     def scored_up_to() -> list[int]:
         with session_scope(database_url) as session:
             return list(
-                session.scalars(
-                    select(SuspicionState.last_record_id).where(SuspicionState.client_id == client_id)
-                )
+                session.scalars(select(SuspicionState.last_seq).where(SuspicionState.client_id == client_id))
             )
 
     wait_until(
         lambda: len(scored_up_to()) == 3 and min(scored_up_to()) == newest,
         timeout=120,
-        message=f"scoring did not reach the burst's last row (id {newest}) without new queries",
+        message=f"scoring did not reach the burst's last row (#{newest}) without new queries",
         interval=0.5,
     )
 
 
 def _heap_blocks_read(session: Session) -> int:
-    """Blocks of the (temporary) query_records read so far in this transaction."""
-    statement = text("SELECT pg_stat_get_xact_blocks_fetched('query_records'::regclass)")
+    """Blocks of the (temporary) query_requests read so far in this transaction (its TOAST table
+    apart)."""
+    statement = text("SELECT pg_stat_get_xact_blocks_fetched('query_requests'::regclass)")
     return int(session.execute(statement).scalar_one())
 
 
 def test_history_reads_go_in_index_order_on_a_large_unanalysed_table(running_stack: RunningStack) -> None:
     """A page of a client's history after a cursor reads that page, not the rest of the history, and
     the whole chain is streamed in seq order without a sort, on a table autovacuum has not analysed
-    yet. (Without `sorts_as_last_resort`, each page was a bitmap scan of all the client's rows after
-    the cursor and a sort: 3,677 blocks read here for a page of 100 rows, against 3 with it.)"""
+    yet. (Without `sorts_as_last_resort`, each page of the per-row table before migration 0008 was a
+    bitmap scan of all the client's rows after the cursor and a sort: 3,677 blocks read for a page
+    of 100 rows, against 3 with it.)"""
     client_id, _, _ = running_stack.new_client("history-plans")
     other_id, _, _ = running_stack.new_client("history-plans-other")
     with session_scope(running_stack.stack.database_url or "") as session:
-        _unanalysed_query_records(session, clients=(client_id, other_id))
+        _unanalysed_query_requests(session, clients=(client_id, other_id))
         before = _heap_blocks_read(session)
-        page = service.list_queries(session, client_id, after_id=1000, limit=100)
+        page = service.list_queries(session, client_id, after_seq=1000, limit=100)
         read = _heap_blocks_read(session) - before
-        # Client rows are ids 1-80, 161-240, ...: the 100 after id 1000 start at 1121.
-        expected = [i + 1 for i in range(240_000) if (i // 80) % 2 == 0 and i + 1 > 1000][:100]
-        assert [record.id for record in page] == expected
+        # The client's rows 1001-1100: row 1000 is row 39 of its 13th request (r = 24).
+        assert [record.seq for record in page] == list(range(1001, 1101))
+        assert [record.row_index for record in page[:2]] == [40, 41]
+        assert [np.frombuffer(record.input, dtype="<f8")[0] for record in page[:2]] == _as_stored(
+            [24 * 80 + 40, 24 * 80 + 41]
+        )
         assert read < 50, f"{read} blocks read for a page of 100 rows"
-        sql = "SELECT * FROM query_records WHERE client_id = %s ORDER BY seq"
+        sql = "SELECT * FROM query_requests WHERE client_id = %s ORDER BY first_seq"
         with service.sorts_as_last_resort(session):
             assert "Sort" not in _plan_scans(session, sql, (client_id,))
         assert "Sort" in _plan_scans(session, sql, (client_id,))  # the setting ends with the block
@@ -237,34 +265,35 @@ def test_binary_copy_types_match_the_table_and_store_values_exactly(running_stac
             session.execute(
                 text(
                     "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute"
-                    " WHERE attrelid = 'query_records'::regclass AND attnum > 0 AND NOT attisdropped"
+                    " WHERE attrelid = 'query_requests'::regclass AND attnum > 0 AND NOT attisdropped"
                 )
             ).all()
         )
     names = {"character varying": "varchar", "integer": "int4", "bigint": "int8", "text": "text"}
     names |= {"timestamp with time zone": "timestamptz", "bytea": "bytea"}
-    assert {column: names[table[column]] for column, _ in service.QUERY_RECORD_COLUMN_TYPES} == dict(
-        service.QUERY_RECORD_COLUMN_TYPES
+    names |= {"integer[]": "int4[]", "text[]": "text[]"}
+    assert {column: names[table[column]] for column, _ in service.QUERY_REQUEST_COLUMN_TYPES} == dict(
+        service.QUERY_REQUEST_COLUMN_TYPES
     )
     batch = _batch(client_id, rows=3).model_copy(
         update={
             "inputs": [[1e-308, -0.0, 1 / 3, 2.5e300, -7.0, 1.0]] * 3,
             "labels": ["tab\there", "back\\slash\\N", "newline\nand é"],
+            "label_indices": [0, 2, 1],
         }
     )
     with session_scope(database_url) as session:
         assert service.store_query_batch(session, batch).inserted == 3
     with session_scope(database_url) as session:
-        stored = session.execute(
-            text(
-                "SELECT row_index, input, label, answered_at, request_id FROM query_records"
-                " WHERE client_id = :client_id ORDER BY row_index"
-            ),
-            {"client_id": client_id},
-        ).all()
+        stored = list(service.iter_queries(session, client_id))
     assert [row.label for row in stored] == batch.labels
+    assert [row.label_index for row in stored] == [0, 2, 1]
+    assert [row.row_index for row in stored] == [0, 1, 2]
     assert [np.frombuffer(row.input, dtype="<f8").tolist() for row in stored] == np.asarray(
         batch.inputs
+    ).tolist()
+    assert [np.frombuffer(row.probabilities, dtype="<f8").tolist() for row in stored] == np.asarray(
+        batch.probabilities
     ).tolist()
     assert {row.answered_at for row in stored} == {batch.answered_at}
     assert {row.request_id for row in stored} == {batch.request_id}
@@ -338,18 +367,26 @@ def test_detector_states_are_stored_without_compression(running_stack: RunningSt
     assert storage == "e"
 
 
-def test_query_records_carry_only_the_indexes_in_use(running_stack: RunningStack) -> None:
-    # Each index costs PostgreSQL CPU on every stored row; migration 0005 dropped the answer-time one,
-    # which no query used, 0006 added the one scoring reads by, and 0007 replaced the per-row unique
-    # (request_id, row_index) with one entry per request. The schema the migrations build matches the
-    # models' declaration.
+def test_query_requests_carry_only_the_indexes_in_use(running_stack: RunningStack) -> None:
+    # Each index costs PostgreSQL CPU on every stored request (migrations 0005-0008). The schema the
+    # migrations build matches the models' declaration, and the packed columns are stored
+    # uncompressed (float bits and hashes do not compress; pglz's attempt would cost CPU per insert).
     with session_scope(running_stack.stack.database_url or "") as session:
         indexes = set(
             session.execute(
-                text("SELECT indexname FROM pg_indexes WHERE tablename = 'query_records'")
+                text("SELECT indexname FROM pg_indexes WHERE tablename = 'query_requests'")
             ).scalars()
         )
-    table = QueryRecord.__table__
+        storage = dict(
+            session.execute(
+                text(
+                    "SELECT attname, attstorage FROM pg_attribute WHERE attrelid = 'query_requests'::regclass"
+                    " AND attname IN ('inputs', 'probabilities', 'record_hashes')"
+                )
+            ).all()
+        )
+        old_table = session.execute(text("SELECT to_regclass('query_records')")).scalar_one()
+    table = QueryRequest.__table__
     declared = {index.name for index in table.indexes} | {
         constraint.name
         for constraint in table.constraints
@@ -359,49 +396,72 @@ def test_query_records_carry_only_the_indexes_in_use(running_stack: RunningStack
         indexes
         == declared
         == {
-            "pk_query_records",
-            "uq_query_records_request_id_first_row",
-            "uq_query_records_client_id_seq",
-            "ix_query_records_client_id_id",
-            "ix_query_records_client_id_model_name_id",
+            "pk_query_requests",
+            "uq_query_requests_request_id",
+            "uq_query_requests_client_id_first_seq",
+            "ix_query_requests_client_id_model_name_first_seq",
         }
     )
+    assert storage == {"inputs": "e", "probabilities": "e", "record_hashes": "e"}
+    assert old_table is None
 
 
 def test_a_request_is_stored_once_even_past_the_redelivery_check(running_stack: RunningStack) -> None:
-    """The first-row index (migration 0007) is the backstop behind the redelivery check: a second
-    copy of a stored request's rows, linked further down the chain (new seq values), is refused."""
+    """The unique index on request_id is the backstop behind the redelivery check: a second copy of
+    a stored request, linked further down the chain (new seq values), is refused."""
     database_url = running_stack.stack.database_url or ""
-    client_id, _, _ = running_stack.new_client("first-row")
+    client_id, _, _ = running_stack.new_client("stored-once")
     batch = _batch(client_id, rows=3)
     with session_scope(database_url) as session:
         assert service.store_query_batch(session, batch).inserted == 3
     with session_scope(database_url) as session:
         chain = service.lock_chain(session, client_id)
-        rows = batch.rows()
-        service.link_records(chain.head_hash, chain.length + 1, rows)
-        with pytest.raises(psycopg.errors.UniqueViolation, match="uq_query_records_request_id_first_row"):
-            service.copy_rows(session, rows)
+        request = service.packed_request(batch, chain.length + 1, chain.head_hash)
+        with pytest.raises(psycopg.errors.UniqueViolation, match="uq_query_requests_request_id"):
+            service.copy_requests(session, [request])
         session.rollback()
+
+
+def test_a_request_repeated_within_one_drain_is_stored_once(running_stack: RunningStack) -> None:
+    """The same request twice in one transaction (a redelivery drained with the original) is stored
+    once, and the chain stays whole."""
+    database_url = running_stack.stack.database_url or ""
+    client_id, _, _ = running_stack.new_client("twice-in-a-drain")
+    first, second = _batch(client_id, rows=4), _batch(client_id, rows=2)
     with session_scope(database_url) as session:
-        indexdef = session.execute(
-            text("SELECT indexdef FROM pg_indexes WHERE indexname = 'uq_query_records_request_id_first_row'")
-        ).scalar_one()
-    assert "UNIQUE" in indexdef, indexdef
-    assert "WHERE (row_index = 0)" in indexdef, indexdef
+        stored = service.store_query_batches(session, [first, second, first])
+    assert stored[client_id].inserted == 6
+    with session_scope(database_url) as session:
+        verification = service.verify_chain(session, client_id)
+    assert verification.ok, verification
+    assert verification.records_checked == 6
 
 
-def test_migration_0007_round_trips_on_a_database_with_rows(running_stack: RunningStack) -> None:
-    """Downgrading to 0006 turns the first-row index back into the per-row constraint and upgrading
-    again restores it, on a scratch database holding stored rows."""
-    admin_url = running_stack.stack.database_url or ""
+def _scratch_database(admin_url: str) -> tuple[str, Any]:
     name = f"migrate_{uuid.uuid4().hex[:8]}"
     engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
         connection.execute(text(f"CREATE DATABASE {name}"))
-    scratch_url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False), engine
+
+
+def test_migration_0008_packs_stored_rows_into_requests_and_back(running_stack: RunningStack) -> None:
+    """Upgrading from 0007 moves each request's rows into one stored request, keeping every row's
+    place in the chain (which still verifies) and turning the detectors' cursors from row ids into
+    seqs; downgrading unpacks them into the same rows again."""
+    scratch_url, engine = _scratch_database(running_stack.stack.database_url or "")
+    name = make_url(scratch_url).database
     try:
-        upgrade_to_head(scratch_url)
+        command.upgrade(alembic_config(scratch_url), "0007")
+        rng = np.random.default_rng(8)
+        batches = [
+            _batch(1, rows=rows).model_copy(
+                update={"inputs": rng.normal(size=(rows, 6)), "labels": [f"l{i}" for i in range(rows)]}
+            )
+            for rows in (3, 1, 5)
+        ]
+        rows = [row for batch in batches for row in batch.rows()]
+        head = link_records(GENESIS_HASH, 1, rows)
         with session_scope(scratch_url) as session:
             session.execute(
                 text(
@@ -409,25 +469,51 @@ def test_migration_0007_round_trips_on_a_database_with_rows(running_stack: Runni
                 ),
                 {"h": "0" * 64},
             )
-        with session_scope(scratch_url) as session:
-            service.store_query_batch(session, _batch(1, rows=4))
-
-        def indexes() -> set[str]:
-            with session_scope(scratch_url) as session:
-                return set(
-                    session.execute(
-                        text("SELECT indexname FROM pg_indexes WHERE tablename = 'query_records'")
-                    ).scalars()
+            session.execute(
+                text("INSERT INTO client_chains (client_id, length, head_hash) VALUES (1, 9, :h)"),
+                {"h": head},
+            )
+            columns = [column for column in rows[0] if column not in ("id", "stored_at")]
+            session.execute(
+                text(
+                    f"INSERT INTO query_records ({', '.join(columns)})"
+                    f" VALUES ({', '.join(':' + column for column in columns)})"
+                ),
+                rows,
+            )
+            # A detector that had seen up to the 2nd row of the last request (row id 6, seq 6).
+            session.execute(
+                text(
+                    "INSERT INTO suspicion_states (client_id, model_name, detector, last_record_id,"
+                    " queries_seen, score, threshold, alarm, explanation, details)"
+                    " VALUES (1, 'small-mlp', 'prada', 6, 6, 0, 1, false, '', '{}')"
                 )
+            )
 
-        command.downgrade(alembic_config(scratch_url), "0006")
-        assert "uq_query_records_request_id_row_index" in indexes()
-        assert "uq_query_records_request_id_first_row" not in indexes()
+        def dump() -> list[tuple[Any, ...]]:
+            with session_scope(scratch_url) as session:
+                return [
+                    tuple(row)
+                    for row in session.execute(
+                        text(f"SELECT {', '.join(columns)} FROM query_records ORDER BY seq")
+                    ).all()
+                ]
+
+        before = dump()
         upgrade_to_head(scratch_url)
-        assert "uq_query_records_request_id_first_row" in indexes()
-        assert "uq_query_records_request_id_row_index" not in indexes()
         with session_scope(scratch_url) as session:
-            assert session.execute(text("SELECT count(*) FROM query_records")).scalar_one() == 4
+            assert session.execute(text("SELECT count(*) FROM query_requests")).scalar_one() == 3
+            assert session.execute(text("SELECT last_seq FROM suspicion_states")).scalar_one() == 6
+            verification = service.verify_chain(session, 1)
+            assert verification.ok, verification
+            assert verification.records_checked == 9
+            assert [row.record_hash for row in service.iter_queries(session, 1)] == [
+                row["record_hash"] for row in rows
+            ]
+        command.downgrade(alembic_config(scratch_url), "0007")
+        assert dump() == before
+        with session_scope(scratch_url) as session:
+            assert session.execute(text("SELECT last_record_id FROM suspicion_states")).scalar_one() == 6
     finally:
         get_engine(scratch_url).dispose()
         with engine.connect() as connection:

@@ -200,7 +200,7 @@ def test_a_burst_is_stored_several_jobs_per_transaction(
     _stored_once(running_stack, client_id, 40, "the burst stored")
     with session_scope(stack.database_url or "") as session:
         transactions = session.execute(
-            text("SELECT count(DISTINCT xmin::text) FROM query_records WHERE client_id = :c"),
+            text("SELECT count(DISTINCT xmin::text) FROM query_requests WHERE client_id = :c"),
             {"c": client_id},
         ).scalar_one()
     assert transactions == 3

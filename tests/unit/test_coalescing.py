@@ -68,3 +68,63 @@ def test_link_records_gives_exactly_the_documented_record_hashes() -> None:
     assert [(r["seq"], r["prev_hash"], r["record_hash"]) for r in rows] == [
         (r["seq"], r["prev_hash"], r["record_hash"]) for r in expected
     ]
+
+
+def _shared_fields(batch: QueryBatch) -> dict[str, object]:
+    return {
+        "client_id": batch.client_id,
+        "request_id": batch.request_id,
+        "model_name": batch.model,
+        "model_version": batch.version,
+        "scheme": batch.scheme,
+        "key_id": batch.key_id,
+        "answered_at": batch.answered_at,
+    }
+
+
+def test_link_request_gives_exactly_the_documented_record_hashes() -> None:
+    """The packed request's hashes are the per-row record hashes, linked in order across requests."""
+    rng = np.random.default_rng(6)
+    batches = [
+        _batch(rng, "r1", ["a\nb", "\u2028x", "\x7f\x01\t", "\u65e5\u672c"], 40),
+        _batch(rng, "r2", ["1", "2"], 1),
+        _batch(rng, "r3", ['"q"', "\\"], 9),
+    ]
+    prev_hash = chain.GENESIS_HASH
+    expected = []
+    for offset, record in enumerate(row for batch in batches for row in batch.rows()):
+        record["seq"] = 41 + offset
+        prev_hash = chain.record_hash(prev_hash, record)
+        expected.append(prev_hash)
+    linked = []
+    head, seq = chain.GENESIS_HASH, 41
+    for batch in batches:
+        digests = chain.link_request(
+            head,
+            seq,
+            _shared_fields(batch),
+            np.ascontiguousarray(batch.inputs, dtype="<f8").tobytes(),
+            np.ascontiguousarray(batch.probabilities, dtype="<f8").tobytes(),
+            batch.label_indices,
+            batch.labels,
+        )
+        assert len(digests) == 32 * len(batch.label_indices)
+        linked += [digests[i : i + 32].hex() for i in range(0, len(digests), 32)]
+        head, seq = linked[-1], seq + len(batch.label_indices)
+    assert linked == expected
+    # One changed bit of one probability changes that row's hash and every later one.
+    batch = batches[2]
+    probabilities = bytearray(np.ascontiguousarray(batch.probabilities, dtype="<f8").tobytes())
+    probabilities[8 * 2 * 3] ^= 1  # row 3's first probability
+    changed = chain.link_request(
+        expected[40],
+        82,
+        _shared_fields(batch),
+        np.ascontiguousarray(batch.inputs, dtype="<f8").tobytes(),
+        bytes(probabilities),
+        batch.label_indices,
+        batch.labels,
+    )
+    changed_hashes = [changed[i : i + 32].hex() for i in range(0, len(changed), 32)]
+    assert changed_hashes[:3] == expected[41:44]
+    assert all(a != b for a, b in zip(changed_hashes[3:], expected[44:], strict=True))
