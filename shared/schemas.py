@@ -148,7 +148,9 @@ class QueryBatch(BaseModel):
         return message
 
     def rows(self) -> list[dict[str, Any]]:
-        """The batch as one insertable dict per answered row (arrays as float64 little-endian bytes)."""
+        """The batch as one dict per answered row, in the form `shared.chain.record_hash` takes (arrays
+        as float64 little-endian bytes): the per-row reference the packed storage path
+        (`services.auditor.service.packed_request`) is checked against."""
         inputs = np.ascontiguousarray(self.inputs, dtype="<f8")
         probabilities = np.ascontiguousarray(self.probabilities, dtype="<f8")
         return [

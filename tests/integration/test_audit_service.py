@@ -18,10 +18,10 @@ from alembic import command
 from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint, create_engine, make_url, select, text
 from sqlalchemy.orm import Session
 
-from services.auditor import service, suspicion
+from services.auditor import scans, service, suspicion
 from shared import audit_outbox
 from shared.chain import GENESIS_HASH, link_records
-from shared.db import QueryRequest, SuspicionState, get_engine, session_scope
+from shared.db import QueryRequest, Suspect, SuspicionState, get_engine, session_scope
 from shared.migrate import alembic_config, upgrade_to_head
 from shared.names import (
     REDIS_API_KEYS,
@@ -297,6 +297,46 @@ def test_binary_copy_types_match_the_table_and_store_values_exactly(running_stac
     ).tolist()
     assert {row.answered_at for row in stored} == {batch.answered_at}
     assert {row.request_id for row in stored} == {batch.request_id}
+
+
+def test_scan_replay_samples_single_rows_of_the_marked_requests(running_stack: RunningStack) -> None:
+    """A scan's replay sample is drawn row by row from the client's requests answered under the
+    scheme and key, reproducibly per seed, up to its limit; the model's clients are ranked by rows."""
+    client_id, _, _ = running_stack.new_client("replay-sample")
+    small_id, _, _ = running_stack.new_client("replay-sample-small")
+    database_url = running_stack.stack.database_url or ""
+    model = f"replay-{uuid.uuid4().hex[:8]}"  # this test's clients are the model's only ones
+    marked = [
+        _batch(client_id, rows=rows).model_copy(
+            update={"model": model, "inputs": [[float(1000 * n + i)] * 6 for i in range(rows)]}
+        )
+        for n, rows in enumerate((30, 1, 25))
+    ]
+    other_key = _batch(client_id, rows=40).model_copy(
+        update={"model": model, "key_id": "k2", "inputs": [[-1.0 - i] * 6 for i in range(40)]}
+    )
+    below_minimum = _batch(small_id, rows=scans.MIN_REPLAY_ROWS - 1).model_copy(update={"model": model})
+    with session_scope(database_url) as session:
+        service.store_query_batches(session, [*marked, other_key, below_minimum])
+    stored = {1000 * n + i for n, rows in enumerate((30, 1, 25)) for i in range(rows)}
+    with session_scope(database_url) as session:
+        first = scans._sample_rows(session, client_id, model, 20, ("hmac-second-class", "k1"), seed=1)
+        again = scans._sample_rows(session, client_id, model, 20, ("hmac-second-class", "k1"), seed=1)
+        other = scans._sample_rows(session, client_id, model, 20, ("hmac-second-class", "k1"), seed=2)
+        everything = scans._sample_rows(session, client_id, model, 1000, ("hmac-second-class", "k1"), seed=1)
+        suspect = Suspect(
+            name="s", url="http://127.0.0.1:9/", protocol="v2", model_name=model, remote_model="m"
+        )
+        candidates = dict(scans._replay_candidates(session, suspect, 500))
+    assert first.shape == (20, 6)
+    np.testing.assert_array_equal(first, again)
+    assert first[:, 0].tolist() != other[:, 0].tolist()
+    assert set(first[:, 0].tolist()) <= stored
+    assert len({int(value) // 1000 for value in first[:, 0]}) > 1  # rows from several requests
+    assert sorted(everything[:, 0].tolist()) == sorted(stored)
+    assert (everything == everything[:, :1]).all()  # each row whole, not bytes of two rows
+    # 96 rows (of both keys) reach MIN_REPLAY_ROWS; the other client's 49 do not.
+    assert candidates == {client_id: scans.ROWS_PER_CLIENT_WITHOUT_SUSPECT}
 
 
 def test_registry_sync_repairs_a_wiped_redis(
