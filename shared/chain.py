@@ -84,6 +84,19 @@ def _encode_int(value: Any) -> str:
 _LENGTH = struct.Struct("<I")
 
 
+def _shared_header_parts(fields: Mapping[str, Any]) -> tuple[str, str, str]:
+    """The JSON header's text around a row's seq and row index, from the fields a request's rows
+    share: before the seq, between the seq and the row index, and after the row index up to the
+    label index."""
+    return (
+        f"[{_encode_json(fields['client_id'])},",
+        f",{_encode_json(fields['request_id'])},",
+        f",{_encode_json(fields['model_name'])},{_encode_json(fields['model_version'])},"
+        f"{_encode_json(fields['scheme'])},{_encode_json(fields['key_id'])},"
+        f"{_encode_json(_timestamp(fields['answered_at']))},",
+    )
+
+
 def link_records(prev_hash: str, first_seq: int, records: list[dict[str, Any]]) -> str:
     """Assign seq, prev_hash and record_hash to records in order; return the new head hash.
 
@@ -109,13 +122,7 @@ def link_records(prev_hash: str, first_seq: int, records: list[dict[str, Any]]) 
         )
         parts = shared_parts.get(key)
         if parts is None:
-            parts = shared_parts[key] = (
-                f"[{_encode_json(record['client_id'])},",
-                f",{_encode_json(record['request_id'])},",
-                f",{_encode_json(record['model_name'])},{_encode_json(record['model_version'])},"
-                f"{_encode_json(record['scheme'])},{_encode_json(record['key_id'])},"
-                f"{_encode_json(_timestamp(record['answered_at']))},",
-            )
+            parts = shared_parts[key] = _shared_header_parts(record)
         label = record["label"]
         encoded_label = labels.get(label)
         if encoded_label is None:
@@ -159,13 +166,7 @@ def link_request(
     n_rows = len(label_indices)
     input_width = len(inputs) // n_rows if n_rows else 0
     probability_width = len(probabilities) // n_rows if n_rows else 0
-    before_seq = f"[{_encode_json(fields['client_id'])},"
-    before_row = f",{_encode_json(fields['request_id'])},"
-    after_row = (
-        f",{_encode_json(fields['model_name'])},{_encode_json(fields['model_version'])},"
-        f"{_encode_json(fields['scheme'])},{_encode_json(fields['key_id'])},"
-        f"{_encode_json(_timestamp(fields['answered_at']))},"
-    )
+    before_seq, before_row, after_row = _shared_header_parts(fields)
     input_length = _LENGTH.pack(input_width // 8)
     probability_length = _LENGTH.pack(probability_width // 8)
     encoded_labels: dict[str, str] = {}

@@ -147,22 +147,29 @@ class QueryBatch(BaseModel):
         message["answered_at"] = self.answered_at.isoformat()
         return message
 
+    def shared_fields(self) -> dict[str, Any]:
+        """What every row of the request shares, under the stored (and hashed) names."""
+        return {
+            "request_id": self.request_id,
+            "client_id": self.client_id,
+            "model_name": self.model,
+            "model_version": self.version,
+            "scheme": self.scheme,
+            "key_id": self.key_id,
+            "answered_at": self.answered_at,
+        }
+
     def rows(self) -> list[dict[str, Any]]:
         """The batch as one dict per answered row, in the form `shared.chain.record_hash` takes (arrays
         as float64 little-endian bytes): the per-row reference the packed storage path
         (`services.auditor.service.packed_request`) is checked against."""
         inputs = np.ascontiguousarray(self.inputs, dtype="<f8")
         probabilities = np.ascontiguousarray(self.probabilities, dtype="<f8")
+        shared = self.shared_fields()
         return [
             {
-                "request_id": self.request_id,
+                **shared,
                 "row_index": index,
-                "client_id": self.client_id,
-                "model_name": self.model,
-                "model_version": self.version,
-                "scheme": self.scheme,
-                "key_id": self.key_id,
-                "answered_at": self.answered_at,
                 "input": row_input.tobytes(),
                 "probabilities": row_probabilities.tobytes(),
                 "label_index": label_index,

@@ -238,15 +238,7 @@ def packed_request(batch: QueryBatch, first_seq: int, prev_hash: str) -> dict[st
     """A request as one insertable row: its arrays packed, each of its rows linked into the chain."""
     inputs = np.ascontiguousarray(batch.inputs, dtype="<f8").tobytes()
     probabilities = np.ascontiguousarray(batch.probabilities, dtype="<f8").tobytes()
-    fields = {
-        "request_id": batch.request_id,
-        "client_id": batch.client_id,
-        "model_name": batch.model,
-        "model_version": batch.version,
-        "scheme": batch.scheme,
-        "key_id": batch.key_id,
-        "answered_at": batch.answered_at,
-    }
+    fields = batch.shared_fields()
     record_hashes = link_request(
         prev_hash, first_seq, fields, inputs, probabilities, batch.label_indices, batch.labels
     )
@@ -331,10 +323,10 @@ class QueryRow:
     record_hash: str
 
     def chain_fields(self) -> dict[str, Any]:
-        """The fields `shared.chain.record_hash` covers."""
+        """The fields `shared.chain.record_hash` covers (in the order an export lists them)."""
         return {
-            "client_id": self.client_id,
             "seq": self.seq,
+            "client_id": self.client_id,
             "request_id": self.request_id,
             "row_index": self.row_index,
             "model_name": self.model_name,
@@ -342,10 +334,10 @@ class QueryRow:
             "scheme": self.scheme,
             "key_id": self.key_id,
             "answered_at": self.answered_at,
-            "label_index": self.label_index,
-            "label": self.label,
             "input": self.input,
             "probabilities": self.probabilities,
+            "label_index": self.label_index,
+            "label": self.label,
         }
 
 
@@ -530,19 +522,10 @@ def iter_queries(session: Session, client_id: int, chunk_size: int = 100) -> Ite
 def record_export(record: QueryRow) -> dict[str, Any]:
     """A row as exported: everything needed to re-verify its chain link offline."""
     return {
-        "seq": record.seq,
-        "client_id": record.client_id,
-        "request_id": record.request_id,
-        "row_index": record.row_index,
-        "model_name": record.model_name,
-        "model_version": record.model_version,
-        "scheme": record.scheme,
-        "key_id": record.key_id,
+        **record.chain_fields(),
         "answered_at": record.answered_at.isoformat(),
         "input": floats(record.input),
         "probabilities": floats(record.probabilities),
-        "label_index": record.label_index,
-        "label": record.label,
         "prev_hash": record.prev_hash,
         "record_hash": record.record_hash,
     }

@@ -70,18 +70,6 @@ def test_link_records_gives_exactly_the_documented_record_hashes() -> None:
     ]
 
 
-def _shared_fields(batch: QueryBatch) -> dict[str, object]:
-    return {
-        "client_id": batch.client_id,
-        "request_id": batch.request_id,
-        "model_name": batch.model,
-        "model_version": batch.version,
-        "scheme": batch.scheme,
-        "key_id": batch.key_id,
-        "answered_at": batch.answered_at,
-    }
-
-
 def test_link_request_gives_exactly_the_documented_record_hashes() -> None:
     """The packed request's hashes are the per-row record hashes, linked in order across requests."""
     rng = np.random.default_rng(6)
@@ -102,7 +90,7 @@ def test_link_request_gives_exactly_the_documented_record_hashes() -> None:
         digests = chain.link_request(
             head,
             seq,
-            _shared_fields(batch),
+            batch.shared_fields(),
             np.ascontiguousarray(batch.inputs, dtype="<f8").tobytes(),
             np.ascontiguousarray(batch.probabilities, dtype="<f8").tobytes(),
             batch.label_indices,
@@ -119,7 +107,7 @@ def test_link_request_gives_exactly_the_documented_record_hashes() -> None:
     changed = chain.link_request(
         expected[40],
         82,
-        _shared_fields(batch),
+        batch.shared_fields(),
         np.ascontiguousarray(batch.inputs, dtype="<f8").tobytes(),
         bytes(probabilities),
         batch.label_indices,
