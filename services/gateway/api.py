@@ -22,7 +22,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.registry_cache import RegistryCache
 from shared.celery_app import create_celery_app
 from shared.gc_tuning import tune_garbage_collector
-from shared.http import ApiError, OrjsonResponse, install_error_handlers
+from shared.http import OrjsonResponse, install_error_handlers
 from shared.schemas import DeployedModel, PredictReply
 
 logger = logging.getLogger(__name__)
@@ -146,25 +146,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         body = await service.read_body(
             request.stream(), request.headers.get("content-length"), settings.max_body_bytes
         )
-        payload = service.parse_json(body)
-        if v2:
-            data = service.v2_data(payload)
-            rows = service.v2_inputs_to_array(
-                payload,
-                model,
-                settings.max_batch_rows,
-                may_hold_booleans=service.may_hold_literals(body, payload, data),
-            )
-        else:
-            if not isinstance(payload, dict) or "instances" not in payload:
-                raise ApiError(422, 'the body must be an object {"instances": [[number, ...], ...]}')
-            instances = payload["instances"]
-            rows = service.rows_to_array(
-                instances,
-                model,
-                settings.max_batch_rows,
-                may_hold_booleans=service.may_hold_literals(body, payload, instances),
-            )
+        rows = service.request_rows(body, model, settings.max_batch_rows, v2)
         reply = await dispatcher.predict(client, model, rows, backlog)
         ROWS.labels(model.name).inc(len(reply.label_indices))
         return model, reply

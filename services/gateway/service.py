@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 from redis.exceptions import RedisError
 
+from services.gateway import fastjson
 from services.gateway.publisher import JobPublisher
 from services.gateway.registry_cache import RegistryCache
 from shared.celery_app import FAST_SERIALIZER
@@ -256,16 +257,23 @@ def rows_to_array(
     then numpy's type inference alone tells numbers from anything else, since a string, a null, an
     object, or a ragged or nested row each gives another dtype or shape; the row-by-row check (about
     30 ns a value, 0.2 ms for 80 rows of 80) then runs only to name the problem. A boolean among
-    numbers would pass numpy as 1.0 or 0.0, hence the flag.
+    numbers would pass numpy as 1.0 or 0.0, hence the flag. `instances` may also be the 2-D float64
+    array `fastjson.numbers_payload` made of equal-length rows of numbers.
     """
-    if not isinstance(instances, list):
+    from_fastjson = isinstance(instances, np.ndarray)
+    if not (from_fastjson or isinstance(instances, list)):
         raise ApiError(422, "'instances' must be a list of rows, each a list of numbers")
-    if not instances:
+    if not len(instances):
         raise ApiError(422, "'instances' is empty: send at least one row")
     if len(instances) > max_rows:
         raise ApiError(
             413, f"{len(instances)} rows exceed the limit of {max_rows} rows per request; split the batch"
         )
+    if from_fastjson:
+        if instances.shape[1] != model.n_features:
+            raise _row_length_error(0, instances.shape[1], model)
+        check_finite(instances, 422)
+        return instances
     if not may_hold_booleans:
         inferred = _numbers_only(instances)
         if inferred is not None and inferred.shape == (len(instances), model.n_features):
@@ -276,15 +284,18 @@ def rows_to_array(
         if not isinstance(row, list):
             raise ApiError(422, f"row {index} is not a list of numbers")
         if len(row) != model.n_features:
-            raise ApiError(
-                422, f"row {index} has {len(row)} features; model {model.name!r} expects {model.n_features}"
-            )
+            raise _row_length_error(index, len(row), model)
         # bool is a subclass of int in Python, so compare exact types to refuse true/false.
         if not set(map(type, row)) <= _NUMBER_TYPE_SET:
             raise ApiError(422, f"row {index} contains {_first_non_number(row)!r}, which is not a number")
     array = np.asarray(instances, dtype=np.float64)
     check_finite(array, 422)
     return array
+
+
+def _row_length_error(index: int, length: int, model: DeployedModel) -> ApiError:
+    expected = model.n_features
+    return ApiError(422, f"row {index} has {length} features; model {model.name!r} expects {expected}")
 
 
 V2_DATATYPES = {"FP32": np.float32, "FP64": np.float64}
@@ -303,7 +314,8 @@ def v2_inputs_to_array(
 ) -> np.ndarray:
     """Validate an Open Inference Protocol request with one FP32/FP64 tensor of shape [N, F].
 
-    `may_hold_booleans` as for `rows_to_array`.
+    `may_hold_booleans` as for `rows_to_array`; `data` may also be the float64 array (flat, or 2-D
+    for rows) `fastjson.numbers_payload` made of it.
     """
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
         raise ApiError(400, "the body must be an object with an 'inputs' list (Open Inference Protocol)")
@@ -333,6 +345,10 @@ def v2_inputs_to_array(
     if features != model.n_features:
         raise ApiError(400, f"input has {features} features; model {model.name!r} expects {model.n_features}")
     data = tensor.get("data")
+    if isinstance(data, np.ndarray):
+        if data.size != rows * features:
+            raise _v2_size_error(data.size, shape, rows * features)
+        return _v2_array(data.reshape(-1), datatype, rows, features)
     if not isinstance(data, list):
         raise ApiError(400, "input 'data' must be a list of numbers (flat, row-major, or nested rows)")
     if not may_hold_booleans:
@@ -348,11 +364,15 @@ def v2_inputs_to_array(
     if flat is None or any(type(value) is list for value in flat):
         raise ApiError(400, "input 'data' is ragged: every row must have the same length")
     if flat.size != rows * features:
-        raise ApiError(400, f"input 'data' holds {flat.size} values; shape {shape} needs {rows * features}")
+        raise _v2_size_error(flat.size, shape, rows * features)
     values = flat.tolist()
     if not set(map(type, values)) <= _NUMBER_TYPE_SET:
         raise ApiError(400, f"input 'data' contains {_first_non_number(values)!r}, which is not a number")
     return _v2_array(flat, datatype, rows, features)
+
+
+def _v2_size_error(size: int, shape: list[int], needed: int) -> ApiError:
+    return ApiError(400, f"input 'data' holds {size} values; shape {shape} needs {needed}")
 
 
 def _v2_array(flat: np.ndarray, datatype: str, rows: int, features: int) -> np.ndarray:
@@ -361,6 +381,29 @@ def _v2_array(flat: np.ndarray, datatype: str, rows: int, features: int) -> np.n
         array = flat.astype(V2_DATATYPES[datatype]).astype(np.float64).reshape(rows, features)
     check_finite(array, 400)
     return array
+
+
+def request_rows(body: bytes, model: DeployedModel, max_rows: int, v2: bool) -> np.ndarray:
+    """A prediction request's body parsed and validated into float64 rows (an `ApiError` otherwise).
+
+    v2: an Open Inference Protocol body; otherwise v1's `{"instances": [[...], ...]}`. A well-formed
+    body takes simdjson's route (`fastjson`: the numbers go to an array without a Python object each);
+    any other is parsed by orjson and its numbers checked by numpy's inference or value by value, which
+    also names what is wrong. Both routes give the same rows and the same errors.
+    """
+    payload = fastjson.numbers_payload(body, v2) if body else None
+    from_fastjson = payload is not None
+    if payload is None:
+        payload = parse_json(body)
+    if v2:
+        data = None if from_fastjson else v2_data(payload)
+        may_hold_booleans = not from_fastjson and may_hold_literals(body, payload, data)
+        return v2_inputs_to_array(payload, model, max_rows, may_hold_booleans=may_hold_booleans)
+    if not isinstance(payload, dict) or "instances" not in payload:
+        raise ApiError(422, 'the body must be an object {"instances": [[number, ...], ...]}')
+    instances = payload["instances"]
+    may_hold_booleans = not from_fastjson and may_hold_literals(body, payload, instances)
+    return rows_to_array(instances, model, max_rows, may_hold_booleans=may_hold_booleans)
 
 
 def audit_lag(reports: Mapping[Any, bytes | str], now: float, max_age: float) -> float | None:
