@@ -120,6 +120,10 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
         # Score every 50 new queries, and catch up on the rest every 5 s.
         "MODELPRINT_SUSPICION_EVERY": "50",
         "MODELPRINT_SUSPICION_BEAT_SECONDS": "5",
+        # Scoring yields only to a machine over 90% busy (test_faults keeps every CPU busy), so that
+        # the tests' own load rarely delays it; for at most 20 s.
+        "MODELPRINT_SCORING_YIELD_ABOVE": "0.9",
+        "MODELPRINT_SCORING_YIELD_MAX_SECONDS": "20",
         # Audit messages a killed worker had claimed, or whose drain task was lost, are stored within seconds.
         "MODELPRINT_AUDIT_OUTBOX_LEASE_SECONDS": "10",
         "MODELPRINT_AUDIT_OUTBOX_CHECK_SECONDS": "2",

@@ -18,6 +18,10 @@ class AuditorSettings(Settings):
     # and scoring catches up (in large, cheaper blocks) when the load eases.
     scoring_concurrency: int = Field(default=1, ge=1)
     scoring_nice: int = Field(default=10, ge=0, le=19)
+    # A scoring job first waits while the rest of the machine keeps more than this share of its CPUs
+    # busy (1: never), at most until this long after its rows began to wait (shared/priority.py).
+    scoring_yield_above: float = Field(default=0.5, ge=0, le=1)
+    scoring_yield_max_seconds: float = Field(default=30.0, ge=0, le=600)
     audit_page_limit: int = Field(default=1000, ge=1)
     # The audit outbox (shared/audit_outbox.py). A drain stores up to `audit_drain_messages` messages
     # (jobs) per transaction; a message it claimed but did not commit within the lease (its worker

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -43,6 +44,7 @@ from shared.names import (
     TASK_WAKE_AUDIT,
 )
 from shared.netguard import parse_host_list
+from shared.priority import wait_while_busy
 from shared.schemas import QueryBatch
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ REFUSED_DATA_ERRORS = (DataError, IntegrityError, ValueError)
 DRAIN_BUDGET_SECONDS = 5.0
 # Drain tasks the beat queues expire after this long, so they do not pile up while no worker runs.
 WAKE_EXPIRES_SECONDS = 60
+# A waiting scoring's mark outlives its wait (the delay and the time it may yield to the load) by this.
 SCORING_MARK_SECONDS = 60
 profiles = suspicion.ProfileCache()
 kits = scans.KitCache()
@@ -266,18 +269,35 @@ def claim_scoring(client: redis.Redis, client_id: int) -> bool:
     catching up in large blocks instead of rescoring. The mark expires, so a lost task cannot stop
     scoring.
     """
-    return bool(client.set(f"{REDIS_SCORING_PENDING_PREFIX}{client_id}", 1, nx=True, ex=SCORING_MARK_SECONDS))
+    return bool(
+        client.set(f"{REDIS_SCORING_PENDING_PREFIX}{client_id}", 1, nx=True, ex=scoring_mark_seconds())
+    )
 
 
-def queue_scoring(client_id: int) -> None:
-    """Queue a scoring of the client's new rows unless one is already waiting."""
+def scoring_mark_seconds() -> int:
+    """How long a waiting scoring's mark lives: past its delay and its longest yield to the load."""
+    wait = settings.suspicion_delay_seconds + settings.scoring_yield_max_seconds
+    return SCORING_MARK_SECONDS + math.ceil(wait)
+
+
+def queue_scoring(client_id: int, waiting_since: float | None = None) -> None:
+    """Queue a scoring of the client's new rows unless one is already waiting.
+
+    `waiting_since` (Unix time): since when the rows it scores have waited; now by default. A job may
+    yield to the machine's load until `scoring_yield_max_seconds` after it (`score_client_task`).
+    """
     try:
         claimed = claim_scoring(registry_client(), client_id)
     except redis.RedisError:
         claimed = True  # queueing below reports the outage as before
     if claimed:
         delay = settings.suspicion_delay_seconds
-        score_client_task.apply_async(args=[client_id], queue=QUEUE_SCORING, countdown=delay or None)
+        score_client_task.apply_async(
+            args=[client_id],
+            kwargs={"waiting_since": time.time() if waiting_since is None else waiting_since},
+            queue=QUEUE_SCORING,
+            countdown=delay or None,
+        )
 
 
 @app.task(name=TASK_WAKE_AUDIT, autoretry_for=(redis.ConnectionError,), max_retries=3)
@@ -302,8 +322,27 @@ def sync_registry() -> dict[str, int]:
 
 
 @app.task(name=TASK_SCORE_CLIENT, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=5)
-def score_client_task(client_id: int) -> int:
-    """Score a client's new queries; raise or refresh an extraction_suspected alert on alarms."""
+def score_client_task(client_id: int, waiting_since: float | None = None) -> int:
+    """Score a client's new queries; raise or refresh an extraction_suspected alert on alarms.
+
+    First it yields to the load (`shared/priority.py:wait_while_busy`): while the rest of the machine
+    keeps more than `scoring_yield_above` of its CPUs busy, it waits, until `scoring_yield_max_seconds`
+    after `waiting_since`. Triggers meanwhile join this job.
+    """
+    if waiting_since is not None:
+        waited = wait_while_busy(
+            settings.scoring_yield_above, waiting_since + settings.scoring_yield_max_seconds
+        )
+        if waited.waited >= 1.0:
+            logger.info(
+                "scoring waited for the machine's load",
+                extra={
+                    "client_id": client_id,
+                    "waited_s": round(waited.waited, 2),
+                    "busy_share": None if waited.busy is None else round(waited.busy, 2),
+                    "reason": waited.reason,
+                },
+            )
     # From here on, newly stored rows need another scoring: let the next trigger queue one.
     with contextlib.suppress(redis.RedisError):
         registry_client().delete(f"{REDIS_SCORING_PENDING_PREFIX}{client_id}")
@@ -317,8 +356,9 @@ def score_client_task(client_id: int) -> int:
     if any(score.more_waiting for score in scores):
         # A block was full: the rest of a burst must not wait for the client's next query (the beat
         # only picks clients whose history grew since their last scoring). Queued as a trigger is,
-        # after the same delay, so scoring keeps its cadence under load.
-        queue_scoring(client_id)
+        # after the same delay, so scoring keeps its cadence under load; its rows have waited since
+        # this job's did, so it yields to the load no longer than this one could.
+        queue_scoring(client_id, waiting_since)
     for severity, message, evidence in alarming:
         raise_and_notify(
             alerts.KIND_EXTRACTION_SUSPECTED, severity, "client", str(client_id), message, evidence

@@ -7,8 +7,11 @@ from the audit history and never stored twice.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -335,36 +338,92 @@ def test_stalled_inference_workers_give_504_and_the_stale_job_is_discarded(
     assert len(_stored_ids(running_stack, client_id)) == 3
 
 
-def test_stalled_scoring_worker_does_not_delay_storing(
-    running_stack: RunningStack, small_model: DeployedTestModel
+def _scoring_waits_then_runs(
+    running_stack: RunningStack,
+    model: DeployedTestModel,
+    hold: Callable[[], Any],
+    release: Callable[[], Any],
+    requests: int,
+    settle: float,
+    while_held: str,
 ) -> None:
-    """Scoring runs on its own queue and worker: with that worker frozen, answered rows are still stored
-    at once, the scoring waits on its queue, and it runs when the worker is back."""
-    stack = running_stack.stack
-    broker = redis.Redis.from_url(stack.redis_url or "")
-    stack.kill_service("scoring-worker", signal.SIGSTOP)
+    """Answer `requests` requests of 40 rows while `hold()` holds: the rows are stored at once, and
+    `settle` s later their scoring is still queued (its mark stays until a job starts scoring) with no
+    score; after `release()` the client is scored over every row."""
+    broker = redis.Redis.from_url(running_stack.stack.redis_url or "")
+    hold()
     try:
-        client_id, answered = _answered_rows(running_stack, small_model, requests=4, rows=40)
+        client_id, answered = _answered_rows(running_stack, model, requests=requests, rows=40)
         wait_until(
             lambda: running_stack.query_count(client_id) == answered,
             timeout=20,
-            message="rows stored while the scoring worker is stopped",
+            message=f"rows stored while {while_held}",
         )
-        # 160 rows crossed the test stack's scoring step (50) three times: a scoring was queued (the
-        # triggers coalesce into one) and has not started (starting clears the mark).
+        time.sleep(settle)
         assert broker.exists(f"{REDIS_SCORING_PENDING_PREFIX}{client_id}")
         with running_stack.operator() as operator:
             assert operator.suspicion(client_id)["models"] == {}
     finally:
-        stack.kill_service("scoring-worker", signal.SIGCONT)
+        release()
         broker.close()
     with running_stack.operator() as operator:
         scored = wait_until(
-            lambda: operator.suspicion(client_id)["models"].get(small_model.name),
+            lambda: operator.suspicion(client_id)["models"].get(model.name),
             timeout=60,
-            message="the client scored once the scoring worker is back",
+            message=f"the client scored once no longer held ({while_held})",
         )
     assert {entry["queries_seen"] for entry in scored} == {answered}
+
+
+def test_stalled_scoring_worker_does_not_delay_storing(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    """Scoring runs on its own queue and worker: with that worker frozen, answered rows are still stored
+    at once, the scoring waits on its queue, and it runs when the worker is back. 160 rows cross the
+    test stack's scoring step (50) three times; the triggers coalesce into one waiting job."""
+    stack = running_stack.stack
+    _scoring_waits_then_runs(
+        running_stack,
+        small_model,
+        hold=lambda: stack.kill_service("scoring-worker", signal.SIGSTOP),
+        release=lambda: stack.kill_service("scoring-worker", signal.SIGCONT),
+        requests=4,
+        settle=0.0,
+        while_held="the scoring worker is stopped",
+    )
+
+
+# A process that keeps one CPU busy for argv[1] seconds.
+BURNER = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end: pass"
+
+
+def test_scoring_yields_to_a_busy_machine_and_runs_when_it_eases(
+    running_stack: RunningStack, small_model: DeployedTestModel
+) -> None:
+    """With every CPU kept busy by other processes, answered rows are stored at once but their scoring
+    waits (the test stack yields above 90% busy, for at most 20 s): 80 rows cross the scoring step, a
+    job is queued 1 s later and, 4 s after the rows are stored, is still waiting for the load. Once the
+    load stops, it runs."""
+    burners: list[subprocess.Popen[bytes]] = []
+
+    def start_burners() -> None:
+        for _ in range(os.cpu_count() or 2):
+            burners.append(subprocess.Popen([sys.executable, "-c", BURNER, "40"]))  # noqa: S603 - ours
+
+    def stop_burners() -> None:
+        for burner in burners:
+            burner.kill()
+            burner.wait(timeout=10)
+
+    _scoring_waits_then_runs(
+        running_stack,
+        small_model,
+        hold=start_burners,
+        release=stop_burners,
+        requests=2,
+        settle=4.0,
+        while_held="every CPU is kept busy",
+    )
 
 
 def test_audit_messages_that_cannot_be_stored_are_moved_aside_and_the_rest_stored(
