@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
+import msgpack
 import numpy as np
 from pydantic import (
     BaseModel,
@@ -40,6 +41,8 @@ def _rows_from_message(value: Any) -> np.ndarray:
         if len(data) != shape[0] * shape[1] * 8:
             raise ValueError(f"packed rows of shape {list(shape)} need {shape[0] * shape[1] * 8} bytes")
         return np.frombuffer(data, dtype="<f8").reshape(shape[0], shape[1])
+    if isinstance(value, list) and not value:  # no rows (an error reply of an earlier version)
+        return np.zeros((0, 0))
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -117,13 +120,29 @@ class PredictReply(BaseModel):
     version: int | None = None
     classes: list[ClassLabel] = Field(default_factory=list)
     label_indices: list[int] = Field(default_factory=list)
-    probabilities: list[list[float]] = Field(default_factory=list)
+    probabilities: Float64Rows = Field(default_factory=lambda: np.zeros((0, 0)))
 
 
 class PredictReplies(BaseModel):
-    """The answers to one job, published together on the gateway's reply channel."""
+    """The answers to one job, published together on the gateway's reply channel.
+
+    On the channel they are msgpack with the probabilities packed (`to_message`): as JSON, pydantic
+    built and checked a Python float per probability when the worker made the replies and again when
+    the gateway read them, 15-20% of both processes' CPU under batch-80 load (py-spy, session 15).
+    """
 
     replies: list[PredictReply]
+
+    def to_message(self) -> bytes:
+        return msgpack.packb(self.model_dump(), use_bin_type=True)
+
+    @classmethod
+    def from_message(cls, data: bytes) -> PredictReplies:
+        """Read `to_message`'s bytes, or the JSON replies of workers before session 15 (a JSON
+        object starts with "{", a one-key msgpack map with 0x81)."""
+        if data[:1] == b"{":
+            return cls.model_validate_json(data)
+        return cls.model_validate(msgpack.unpackb(data, raw=False))
 
 
 class QueryBatch(BaseModel):

@@ -163,7 +163,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 "classes": reply.classes,
                 "predictions": [
                     {"label": label, "probabilities": probabilities}
-                    for label, probabilities in zip(_labels(model, reply), reply.probabilities, strict=True)
+                    for label, probabilities in zip(
+                        _labels(model, reply), reply.probabilities.tolist(), strict=True
+                    )
                 ],
                 "request_id": reply.request_id,
             }
@@ -229,7 +231,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     ) -> Response:
         model, reply = await answer(request, name, authorization, v2=True)
         rows = len(reply.label_indices)
-        flat_probabilities = [value for row in reply.probabilities for value in row]
+        flat_probabilities = reply.probabilities.ravel().tolist()
         return OrjsonResponse(
             {
                 "model_name": model.name,

@@ -689,7 +689,7 @@ class Dispatcher:
 
     def _resolve(self, data: bytes) -> None:
         try:
-            replies = PredictReplies.model_validate_json(data).replies
+            replies = PredictReplies.from_message(data).replies
         except ValueError:
             logger.warning("unreadable reply dropped")
             return

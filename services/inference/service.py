@@ -155,7 +155,6 @@ def run_predict_job(
         stacked = valid[0][1] if len(valid) == 1 else np.vstack([inputs for _, inputs in valid])
         prediction = predict_fingerprinted(model, stacked, scheme, secrets.active_key)
         label_indices = prediction.label_indices.tolist()
-        probabilities = prediction.probabilities.tolist()
         labels = [str(label) for label in model.classes]
         answered_at = datetime.now(UTC)
         start = 0
@@ -168,7 +167,7 @@ def run_predict_job(
                 version=model.version,
                 classes=model.classes,
                 label_indices=request_labels,
-                probabilities=probabilities[start:end],
+                probabilities=prediction.probabilities[start:end],
             )
             batches.append(
                 QueryBatch(

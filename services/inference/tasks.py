@@ -91,7 +91,7 @@ def predict(**payload: Any) -> None:
             for request in job.requests
         ]
         batches = []
-    reply = PredictReplies(replies=replies).model_dump_json()
+    reply = PredictReplies(replies=replies).to_message()
     if batches:
         # One audit message per job, kept in the outbox until its rows are committed; the auditor
         # drains waiting messages several per transaction, woken by one task per burst

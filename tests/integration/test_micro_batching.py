@@ -109,7 +109,9 @@ def test_coalesced_requests_get_their_own_answers_and_audit_rows(
             f"client {client_id}'s {expected} coalesced rows in its audit history",
             interval=0.5,
         )
-    answered = {reply.request_id: reply.probabilities for reply in replies if isinstance(reply, PredictReply)}
+    answered = {
+        reply.request_id: reply.probabilities.tolist() for reply in replies if isinstance(reply, PredictReply)
+    }
     with running_stack.operator() as operator:
         for client_id, _, _ in clients:
             assert operator.verify_history(client_id)["ok"]

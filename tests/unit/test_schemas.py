@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from shared.schemas import PredictJob, QueryBatch, pack_rows
+from shared.schemas import PredictJob, PredictReplies, PredictReply, QueryBatch, pack_rows
 
 
 def _batch(inputs: object, probabilities: object) -> QueryBatch:
@@ -43,6 +43,42 @@ def test_query_batch_round_trips_through_msgpack_bit_for_bit() -> None:
     assert received.rows() == sent.rows()
     # No Python float per value on the wire: the rows are one bytes field.
     assert len(wire) < inputs.nbytes + probabilities.nbytes + 300
+
+
+def test_replies_round_trip_packed_and_earlier_json_replies_still_read() -> None:
+    rng = np.random.default_rng(8)
+    probabilities = rng.dirichlet(np.ones(3), size=80)
+    probabilities[0, 0] = np.nextafter(0.5, 1.0)
+    replies = PredictReplies(
+        replies=[
+            PredictReply(
+                request_id="a",
+                ok=True,
+                version=2,
+                classes=["N", 1, 2.5, True],
+                label_indices=np.argmax(probabilities, axis=1).tolist(),
+                probabilities=probabilities,
+            ),
+            PredictReply(request_id="b", ok=False, status=422, error="row 0 has 2 features"),
+        ]
+    )
+    wire = replies.to_message()
+    assert len(wire) < probabilities.nbytes + 600  # one bytes field, no float per value
+    received = PredictReplies.from_message(wire)
+    assert received.replies[0].probabilities.tobytes() == probabilities.tobytes()
+    assert received.replies[0].classes == ["N", 1, 2.5, True]
+    assert received.replies[1].probabilities.shape == (0, 0)
+    assert received.model_dump(exclude={"replies": {0: {"probabilities"}}}) == replies.model_dump(
+        exclude={"replies": {0: {"probabilities"}}}
+    )
+    # A worker of an earlier version published JSON replies, probabilities as lists of floats.
+    earlier = replies.model_dump_json().encode()
+    assert earlier.startswith(b"{")
+    assert PredictReplies.from_message(earlier).replies[0].probabilities.tobytes() == probabilities.tobytes()
+    # What the gateway drops as unreadable (it catches ValueError): msgpack's errors are ValueErrors.
+    for unreadable in (b"", b"\x81\xa7replies\x05", b"{not json", b"\xc1"):
+        with pytest.raises(ValueError):  # noqa: PT011 - any ValueError, as the gateway catches
+            PredictReplies.from_message(unreadable)
 
 
 def test_rows_of_earlier_versions_still_read_and_json_dumps_stay_lists() -> None:
