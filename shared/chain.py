@@ -97,6 +97,26 @@ def _shared_header_parts(fields: Mapping[str, Any]) -> tuple[str, str, str]:
     )
 
 
+def _row_digest(
+    prev_digest: bytes,
+    parts: tuple[str, str, str],
+    seq: int,
+    row_index: int,
+    label_index: int,
+    encoded_label: str,
+) -> Any:
+    """A row's SHA-256 fed with the previous hash, the tag and its header (`record_hash`'s JSON, from the
+    request's shared parts); the caller adds the row's two arrays."""
+    header = (
+        f"{parts[0]}{seq}{parts[1]}{_encode_int(row_index)}{parts[2]}{_encode_int(label_index)},{encoded_label}]"
+    ).encode()
+    digest = hashlib.sha256(prev_digest)
+    digest.update(CHAIN_TAG)
+    digest.update(_LENGTH.pack(len(header)))
+    digest.update(header)
+    return digest
+
+
 def link_records(prev_hash: str, first_seq: int, records: list[dict[str, Any]]) -> str:
     """Assign seq, prev_hash and record_hash to records in order; return the new head hash.
 
@@ -127,14 +147,9 @@ def link_records(prev_hash: str, first_seq: int, records: list[dict[str, Any]]) 
         encoded_label = labels.get(label)
         if encoded_label is None:
             encoded_label = labels[label] = _encode_json(label)
-        header = (
-            f"{parts[0]}{seq}{parts[1]}{_encode_int(record['row_index'])}{parts[2]}"
-            f"{_encode_int(record['label_index'])},{encoded_label}]"
-        ).encode()
-        digest = hashlib.sha256(prev_digest)
-        digest.update(CHAIN_TAG)
-        digest.update(_LENGTH.pack(len(header)))
-        digest.update(header)
+        digest = _row_digest(
+            prev_digest, parts, seq, record["row_index"], record["label_index"], encoded_label
+        )
         for values in (record["input"], record["probabilities"]):
             if isinstance(values, bytes):
                 digest.update(_LENGTH.pack(len(values) // 8))
@@ -166,7 +181,7 @@ def link_request(
     n_rows = len(label_indices)
     input_width = len(inputs) // n_rows if n_rows else 0
     probability_width = len(probabilities) // n_rows if n_rows else 0
-    before_seq, before_row, after_row = _shared_header_parts(fields)
+    parts = _shared_header_parts(fields)
     input_length = _LENGTH.pack(input_width // 8)
     probability_length = _LENGTH.pack(probability_width // 8)
     encoded_labels: dict[str, str] = {}
@@ -179,14 +194,9 @@ def link_request(
         encoded_label = encoded_labels.get(label)
         if encoded_label is None:
             encoded_label = encoded_labels[label] = _encode_json(label)
-        header = (
-            f"{before_seq}{first_seq + index}{before_row}{index}{after_row}"
-            f"{_encode_int(label_indices[index])},{encoded_label}]"
-        ).encode()
-        digest = hashlib.sha256(prev_digest)
-        digest.update(CHAIN_TAG)
-        digest.update(_LENGTH.pack(len(header)))
-        digest.update(header)
+        digest = _row_digest(
+            prev_digest, parts, first_seq + index, index, label_indices[index], encoded_label
+        )
         digest.update(input_length)
         digest.update(input_view[index * input_width : (index + 1) * input_width])
         digest.update(probability_length)
