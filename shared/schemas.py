@@ -134,7 +134,7 @@ class PredictReplies(BaseModel):
     replies: list[PredictReply]
 
     def to_message(self) -> bytes:
-        return msgpack.packb(self.model_dump(), use_bin_type=True)
+        return msgpack.packb(self.model_dump())
 
     @classmethod
     def from_message(cls, data: bytes) -> PredictReplies:
@@ -142,7 +142,7 @@ class PredictReplies(BaseModel):
         object starts with "{", a one-key msgpack map with 0x81)."""
         if data[:1] == b"{":
             return cls.model_validate_json(data)
-        return cls.model_validate(msgpack.unpackb(data, raw=False))
+        return cls.model_validate(msgpack.unpackb(data))
 
 
 class QueryBatch(BaseModel):

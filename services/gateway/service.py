@@ -396,8 +396,7 @@ def request_rows(body: bytes, model: DeployedModel, max_rows: int, v2: bool) -> 
     if payload is None:
         payload = parse_json(body)
     if v2:
-        data = None if from_fastjson else v2_data(payload)
-        may_hold_booleans = not from_fastjson and may_hold_literals(body, payload, data)
+        may_hold_booleans = not from_fastjson and may_hold_literals(body, payload, v2_data(payload))
         return v2_inputs_to_array(payload, model, max_rows, may_hold_booleans=may_hold_booleans)
     if not isinstance(payload, dict) or "instances" not in payload:
         raise ApiError(422, 'the body must be an object {"instances": [[number, ...], ...]}')
